@@ -1,0 +1,5 @@
+"""`python -m grid` is the `slamgrid` command."""
+
+from grid.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""The `slamgrid` command line.
+
+User mistakes (a missing file, a model that cannot be used, a bad value) end with a one-line
+`slamgrid: error: ...` on stderr and exit code 2, without a traceback; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `slamgrid`; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from slam.errors import BadInputError
+
+    try:
+        return args.func(args)
+    except (BadInputError, ValueError, FileNotFoundError) as err:
+        print(f"slamgrid: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_path(args: argparse.Namespace) -> int:
+    """`slamgrid path`: the distance matrix and optimal pruning path from text forward passes."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from slam.config import DecoderConfig, DistanceConfig
+    from slam.model import load_decoder
+    from slam.redundancy import pruning_path, text_layer_distances
+
+    hf_logging.disable_progress_bar()
+    texts = _read_lines(Path(args.text))
+    cfg = DistanceConfig(batch_size=args.batch_size, max_samples=args.max_samples, max_length=args.max_length)
+    decoder, tokenizer = load_decoder(
+        DecoderConfig(name=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    )
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    result = text_layer_distances(decoder.to(device), tokenizer, texts, cfg)
+    report = {
+        "model": args.model,
+        "n_layers": result.n_layers,
+        "source": "text",
+        "num_samples": result.num_samples,
+        "distance": result.distance.tolist(),
+        "path": [step.to_dict() for step in pruning_path(result.distance)],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"{args.model}: {result.n_layers} layers, {result.num_samples} samples -> {out}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slamgrid", description="Decoder-layer redundancy of SpeechLLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    path = sub.add_parser("path", help="distance matrix and optimal pruning path of an LLM from text")
+    path.add_argument("--model", required=True, help="hub id or local directory of a causal LM")
+    path.add_argument("--text", required=True, help="text file, one sample per non-empty line")
+    path.add_argument("--out", required=True, help="JSON file to write")
+    path.add_argument("--max-samples", type=int, default=None, help="use only the first N samples")
+    path.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    path.add_argument("--max-length", type=int, default=512, help="truncate each sample to this many tokens")
+    path.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    path.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    path.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
+    path.set_defaults(func=cmd_path)
+    return parser
+
+
+def _read_lines(path: Path) -> list[str]:
+    from slam.errors import BadInputError
+
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such text file")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as err:
+        raise BadInputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    lines = [line for line in lines if line]
+    if not lines:
+        raise BadInputError(f"{path}: no non-empty line to use as a sample")
+    return lines

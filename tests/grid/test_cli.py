@@ -1,0 +1,79 @@
+"""`slamgrid path`: the JSON contract of DESIGN section 4 and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from grid.cli import main
+from slam.config import DecoderConfig, DistanceConfig
+from slam.model import load_decoder
+from slam.redundancy import text_layer_distances
+from tests.conftest import SENTENCES
+
+
+def test_path_writes_the_contract(lm_dir, tmp_path, sentences, capsys):
+    out = tmp_path / "sub" / "path.json"
+    argv = ["path", "--model", str(lm_dir), "--text", str(SENTENCES), "--out", str(out)]
+    assert main(argv + ["--max-samples", "7", "--batch-size", "3"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"model", "n_layers", "source", "num_samples", "distance", "path"}
+    m = report["n_layers"]
+    assert (report["model"], m, report["source"], report["num_samples"]) == (str(lm_dir), 6, "text", 7)
+    distance = np.array(report["distance"])
+    assert distance.shape == (m + 1, m + 1)
+    decoder, tokenizer = load_decoder(DecoderConfig(str(lm_dir)))
+    direct = text_layer_distances(decoder, tokenizer, sentences[:7], DistanceConfig(batch_size=3))
+    np.testing.assert_allclose(distance, direct.distance, atol=1e-12)
+    assert [step["n"] for step in report["path"]] == list(range(2, m))
+    for step in report["path"]:
+        assert set(step) == {"n", "start", "removed", "fraction", "distance"}
+        assert step["removed"] == list(range(step["start"] + 1, step["start"] + step["n"]))
+        assert step["fraction"] == (step["n"] - 1) / m
+        assert step["distance"] == distance[step["start"], step["start"] + step["n"]]
+        candidates = [distance[layer, layer + step["n"]] for layer in range(1, m - step["n"] + 1)]
+        assert step["distance"] == min(candidates)
+    assert str(out) in capsys.readouterr().out
+
+
+def test_path_skips_empty_lines_and_truncates(qwen_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("\n  the river ran cold and clear  \n\n\na cat\n")
+    out = tmp_path / "p.json"
+    assert main(["path", "--model", str(qwen_dir), "--text", str(text), "--out", str(out), "--max-length", "3"]) == 0
+    assert json.loads(out.read_text())["num_samples"] == 2
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing-model", "no such model directory"),
+        ("empty-text", "no non-empty line"),
+        ("not-causal", "model type 'wavlm' is not a causal LM"),
+        ("missing-text", "no such text file"),
+        ("bad-batch", "distance.batch_size=0 is not allowed"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(case, message, qwen_dir, wavlm_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n   \n")
+    model = {"missing-model": str(tmp_path / "nope"), "not-causal": str(wavlm_dir)}.get(case, str(qwen_dir))
+    text = {"empty-text": str(empty), "missing-text": str(tmp_path / "none.txt")}.get(case, str(SENTENCES))
+    argv = ["path", "--model", model, "--text", text, "--out", str(tmp_path / "o.json")]
+    if case == "bad-batch":
+        argv += ["--batch-size", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("slamgrid: error: ") and message in err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_console_error_has_no_traceback(tmp_path):
+    argv = ["path", "--model", str(tmp_path / "nope"), "--text", str(SENTENCES), "--out", str(tmp_path / "o.json")]
+    result = subprocess.run([sys.executable, "-m", "grid", *argv], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"slamgrid: error: {tmp_path / 'nope'}: no such model directory"
