@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -30,26 +31,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_path(args: argparse.Namespace) -> int:
-    """`slamgrid path`: the distance matrix and optimal pruning path from text forward passes."""
+    """`slamgrid path`: the distance matrix and optimal pruning path, from text or from speech."""
     import torch
     from transformers.utils import logging as hf_logging
 
     from slam.config import DecoderConfig, DistanceConfig
-    from slam.model import load_decoder
-    from slam.redundancy import pruning_path, text_layer_distances
+    from slam.model import load_decoder, load_speech_llm
+    from slam.redundancy import pruning_path, speech_layer_distances, text_layer_distances
 
     hf_logging.disable_progress_bar()
-    texts = _read_lines(Path(args.text))
     cfg = DistanceConfig(batch_size=args.batch_size, max_samples=args.max_samples, max_length=args.max_length)
-    decoder, tokenizer = load_decoder(
-        DecoderConfig(name=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    )
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    result = text_layer_distances(decoder.to(device), tokenizer, texts, cfg)
+    if args.text:
+        texts = _read_lines(Path(args.text))
+        decoder, tokenizer = load_decoder(
+            DecoderConfig(name=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        )
+        result = text_layer_distances(decoder.to(device), tokenizer, texts, cfg)
+    else:
+        # --max-samples applies to each set, so every dev set is represented in the pooled mean.
+        from slam.data import load_dataset
+
+        sets = [load_dataset(_data_config(spec, args.on_bad_sample, args.max_samples)) for spec in args.speech]
+        model, _ = load_speech_llm(args.model)
+        pooled = replace(cfg, max_samples=None)
+        result = speech_layer_distances(model.to(device).eval(), _speech_pairs(sets, args.task), pooled)
     report = {
         "model": args.model,
         "n_layers": result.n_layers,
-        "source": "text",
+        "source": "text" if args.text else "speech",
         "num_samples": result.num_samples,
         "distance": result.distance.tolist(),
         "path": [step.to_dict() for step in pruning_path(result.distance)],
@@ -65,10 +75,21 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slamgrid", description="Decoder-layer redundancy of SpeechLLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     path = sub.add_parser("path", help="distance matrix and optimal pruning path of an LLM from text")
-    path.add_argument("--model", required=True, help="hub id or local directory of a causal LM")
-    path.add_argument("--text", required=True, help="text file, one sample per non-empty line")
+    path.add_argument(
+        "--model", required=True, help="causal LM (hub id or directory) with --text; a saved SpeechLLM with --speech"
+    )
+    source = path.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="text file, one sample per non-empty line")
+    source.add_argument(
+        "--speech",
+        action="append",
+        help="evaluation set, repeatable: a manifest .jsonl, or SOURCE:PATH[:SPLIT[:NAME]] "
+        "(librispeech, loquacious, covost2); samples of all sets are pooled",
+    )
+    path.add_argument("--task", choices=("asr", "ast"), default="asr", help="target text of speech samples")
+    path.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
     path.add_argument("--out", required=True, help="JSON file to write")
-    path.add_argument("--max-samples", type=int, default=None, help="use only the first N samples")
+    path.add_argument("--max-samples", type=int, default=None, help="use only the first N samples (of each set)")
     path.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     path.add_argument("--max-length", type=int, default=512, help="truncate each sample to this many tokens")
     path.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -76,6 +97,24 @@ def _parser() -> argparse.ArgumentParser:
     path.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
     path.set_defaults(func=cmd_path)
     return parser
+
+
+def _data_config(spec: str, on_bad_sample: str, max_samples: int | None):
+    from slam.config import DATA_SOURCES, DataConfig
+
+    if spec.endswith(".jsonl"):
+        return DataConfig(source="manifest", path=spec, max_samples=max_samples, on_bad_sample=on_bad_sample)
+    parts = spec.split(":")
+    if parts[0] not in DATA_SOURCES or not 2 <= len(parts) <= 4:
+        raise ValueError(f"--speech {spec!r}: expected a manifest .jsonl or SOURCE:PATH[:SPLIT[:NAME]]")
+    fields = dict(zip(("source", "path", "split", "name"), parts))
+    return DataConfig(**fields, max_samples=max_samples, on_bad_sample=on_bad_sample)
+
+
+def _speech_pairs(sets, task: str):
+    for dataset in sets:
+        for sample in dataset.samples():
+            yield sample.audio, sample.target(task)
 
 
 def _read_lines(path: Path) -> list[str]:

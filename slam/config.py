@@ -7,9 +7,18 @@ rejects bad values with a `ValueError` naming the field and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 ENCODER_KINDS = ("auto", "wavlm", "whisper")
+DATA_SOURCES = ("librispeech", "loquacious", "covost2", "manifest")
+TASKS = ("asr", "ast")
+BAD_SAMPLE_POLICIES = ("error", "skip")
 HEAL_STRATEGIES = ("none", "decoder", "projector", "decoder+projector")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -148,6 +157,163 @@ class HealConfig:
     def heals_projector(self) -> bool:
         """Whether the projector is unfrozen."""
         return "projector" in self.strategy
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """One evaluation or training set of speech samples."""
+
+    source: str
+    """`librispeech`, `loquacious`, `covost2` (through `datasets`) or `manifest` (a local JSONL file)."""
+    path: str
+    """Hub id or local directory of the dataset, or the manifest file."""
+    split: str = "test"
+    """Split name as the dataset spells it (`train.960`, `test.clean`, `validation`, ...); unused for manifests."""
+    name: str | None = None
+    """Dataset configuration, e.g. CoVoST2's `en_de` or `fr_en`; None for the dataset's default."""
+    max_samples: int | None = None
+    """Keep the first N samples after the optional shuffle; None keeps all."""
+    shuffle_seed: int | None = None
+    """Shuffle with this seed before taking `max_samples`; None keeps corpus order."""
+    max_seconds: float = 30.0
+    """Samples longer than this are bad input."""
+    on_bad_sample: str = "error"
+    """`error` stops at the first bad sample naming it; `skip` leaves it out and counts it."""
+
+    def __post_init__(self) -> None:
+        _choice("data.source", self.source, DATA_SOURCES)
+        _require(bool(self.path), "data.path", self.path, "a hub id, a directory or a manifest file")
+        if self.max_samples is not None:
+            _positive("data.max_samples", self.max_samples)
+        _require(self.max_seconds > 0, "data.max_seconds", self.max_seconds, "a positive number")
+        _choice("data.on_bad_sample", self.on_bad_sample, BAD_SAMPLE_POLICIES)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training whatever the model makes trainable (projector, LoRA, healing adapters); paper section 4."""
+
+    steps: int = 50_000
+    """Optimiser steps (paper: 50,000; 75,000 for Llama-3.1-8B; 5,000 for healing)."""
+    batch_size: int = 8
+    """Samples per step per process."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam betas."""
+    clip: float = 1.0
+    """Gradient-norm clipping."""
+    warmdown: float = 0.6
+    """Fraction of the steps, at the end, over which the LR decays linearly to 0 (0.8 for Llama-3.1-8B)."""
+    seed: int = 0
+    """Seeds the data order and every random draw, so a resumed run repeats an uninterrupted one."""
+    checkpoint_every: int = 1_000
+    """Save a checkpoint every N steps (and at the end)."""
+    log_every: int = 50
+    """Report the mean training loss every N steps."""
+    task: str = "asr"
+    """`asr` trains on transcripts, `ast` on translations."""
+
+    def __post_init__(self) -> None:
+        _positive("train.steps", self.steps)
+        _positive("train.batch_size", self.batch_size)
+        _require(self.lr > 0, "train.lr", self.lr, "a positive number")
+        _require(
+            all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2,
+            "train.betas",
+            self.betas,
+            "(b1, b2) in [0, 1)",
+        )
+        _require(self.clip > 0, "train.clip", self.clip, "a positive number")
+        _require(0.0 <= self.warmdown <= 1.0, "train.warmdown", self.warmdown, "a fraction in [0, 1]")
+        _positive("train.checkpoint_every", self.checkpoint_every)
+        _positive("train.log_every", self.log_every)
+        _choice("train.task", self.task, TASKS)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Greedy decoding."""
+
+    batch_size: int = 16
+    """Utterances decoded together."""
+    max_new_tokens: int = 200
+    """Stop a hypothesis after this many tokens if it has not produced EOS."""
+
+    def __post_init__(self) -> None:
+        _positive("decode.batch_size", self.batch_size)
+        _positive("decode.max_new_tokens", self.max_new_tokens)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config as plain JSON/YAML data (tuples become lists)."""
+    return json_ready(dataclasses.asdict(cfg))
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build a config dataclass from plain data, recursively, checking every key.
+
+    Args:
+        cls: The config class.
+        data: A mapping of field names to values (nested configs as mappings).
+        where: Dotted prefix naming this config in error messages (e.g. `heal`).
+
+    Returns:
+        The config; its `__post_init__` validates the values.
+
+    Raises:
+        ValueError: An unknown key (named, with the allowed ones) or a value of the wrong type.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{_join(where, unknown[0])}: unknown key; allowed keys: {', '.join(fields)}")
+    kwargs = {name: _coerce(hints[name], value, _join(where, name)) for name, value in data.items()}
+    missing = [name for name, f in fields.items() if name not in kwargs and _required(f)]
+    if missing:
+        raise ValueError(f"{_join(where, missing[0])}: missing required key")
+    return cls(**kwargs)
+
+
+def json_ready(value: Any) -> Any:
+    """Tuples to lists, recursively, so that values round-trip through JSON and YAML."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _coerce(options[0], value, where) if len(options) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}={value!r}: expected a list")
+        item = args[0] if args else Any
+        return tuple(_coerce(item, v, where) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and type(value) is not hint:
+        raise ValueError(f"{where}={value!r}: expected {hint.__name__}")
+    return value
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:

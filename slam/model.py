@@ -12,9 +12,11 @@ same states for the real tokens.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,11 +33,13 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from slam.config import DecoderConfig, EncoderConfig, LoRAConfig, ProjectorConfig, SpeechLLMConfig
+from slam.config import DecoderConfig, EncoderConfig, LoRAConfig, ProjectorConfig, SpeechLLMConfig, from_dict, to_dict
 from slam.errors import BadInputError
 
 SAMPLE_RATE = 16_000
 IGNORE_INDEX = -100
+CONFIG_FILE = "speechllm.json"
+TRAINED_FILE = "trained.safetensors"
 WHISPER_WINDOW_SECONDS = 30.0
 
 
@@ -244,6 +248,64 @@ def build_speech_llm(cfg: SpeechLLMConfig) -> SpeechLLM:
     return SpeechLLM(encoder, projector, decoder, tokenizer, cfg.prompt)
 
 
+def save_speech_llm(model: SpeechLLM, cfg: SpeechLLMConfig, out_dir: str | Path) -> Path:
+    """Save a trained (unpruned) SpeechLLM: its config and the weights it trained.
+
+    The frozen encoder and decoder are referenced by `cfg` (hub ids or directories), not copied;
+    the projector and, for a LoRA-adapted decoder, the LoRA weights go to `trained.safetensors`.
+
+    Args:
+        model: The model built from `cfg`.
+        cfg: Its config.
+        out_dir: Directory to write.
+
+    Returns:
+        The directory.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trained = {name: p.detach().cpu().contiguous() for name, p in _trained_parameters(model, cfg).items()}
+    save_file(trained, out / TRAINED_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    return out
+
+
+def load_speech_llm(path: str | Path) -> tuple[SpeechLLM, SpeechLLMConfig]:
+    """Load a SpeechLLM saved by `save_speech_llm`.
+
+    Args:
+        path: The directory.
+
+    Returns:
+        The model (projector and LoRA restored) and its config.
+
+    Raises:
+        BadInputError: The directory, its config or its weights are missing or do not match.
+    """
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    for name in (CONFIG_FILE, TRAINED_FILE):
+        if not (root / name).is_file():
+            raise BadInputError(f"{root}: not a saved SpeechLLM (no {name})")
+    try:
+        cfg = from_dict(SpeechLLMConfig, json.loads((root / CONFIG_FILE).read_text()))
+    except (ValueError, json.JSONDecodeError) as err:
+        raise BadInputError(f"{root / CONFIG_FILE}: {err}") from err
+    model = build_speech_llm(cfg)
+    params = _trained_parameters(model, cfg)
+    state = load_file(root / TRAINED_FILE)
+    if set(state) != set(params):
+        diff = sorted(set(state) ^ set(params))
+        raise BadInputError(f"{root / TRAINED_FILE}: weights do not match the model ({diff[0]} and others)")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+    return model, cfg
+
+
 def load_decoder(cfg: DecoderConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a hub id or a local directory.
 
@@ -407,6 +469,13 @@ def assemble_inputs(
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) positions counting real tokens only, so left and right padding agree; 0 on padding."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def _trained_parameters(model: SpeechLLM, cfg: SpeechLLMConfig) -> dict[str, nn.Parameter]:
+    params = {f"projector.{name}": p for name, p in model.projector.named_parameters()}
+    if cfg.decoder.lora is not None:
+        params |= {f"decoder.{name}": p for name, p in model.decoder.named_parameters() if "lora_" in name}
+    return params
 
 
 def _as_numpy(wave: np.ndarray | torch.Tensor) -> np.ndarray:

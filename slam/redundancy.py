@@ -10,6 +10,7 @@ The matrix is averaged over samples (the mean of per-sample distances); per-samp
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -135,11 +136,12 @@ def text_layer_distances(decoder: nn.Module, tokenizer, texts: Sequence[str], cf
 
 
 def speech_layer_distances(
-    model: SpeechLLM, samples: Sequence[tuple[np.ndarray, str]], cfg: DistanceConfig
+    model: SpeechLLM, samples: Iterable[tuple[np.ndarray, str]], cfg: DistanceConfig
 ) -> DistanceResult:
     """Distances over SpeechLLM inputs (speech, prompt, target and EOS, teacher-forced).
 
     The measured token is the last non-padding one, the EOS after the target, as in training.
+    Samples are streamed: only one batch of audio is held at a time.
 
     Args:
         model: The SpeechLLM.
@@ -149,15 +151,16 @@ def speech_layer_distances(
     Returns:
         The distance matrices over the samples.
     """
-    samples = list(samples)[: cfg.max_samples]
-    if not samples:
-        raise BadInputError("no speech samples")
 
     def batches() -> Iterable[DecoderInputs]:
-        for i in range(0, len(samples), cfg.batch_size):
-            chunk = samples[i : i + cfg.batch_size]
-            with torch.no_grad():
-                yield model.decoder_inputs([w for w, _ in chunk], [t for _, t in chunk])
+        chunk: list[tuple[np.ndarray, str]] = []
+        for sample in itertools.islice(samples, cfg.max_samples):
+            chunk.append(sample)
+            if len(chunk) == cfg.batch_size:
+                yield _speech_batch(model, chunk)
+                chunk = []
+        if chunk:
+            yield _speech_batch(model, chunk)
 
     return layer_distances(model.decoder, batches())
 
@@ -205,6 +208,11 @@ def pruning_path(distance: Sequence[Sequence[float]] | np.ndarray) -> list[PathS
             )
         )
     return steps
+
+
+@torch.no_grad()
+def _speech_batch(model: SpeechLLM, chunk: list[tuple[np.ndarray, str]]) -> DecoderInputs:
+    return model.decoder_inputs([wave for wave, _ in chunk], [text for _, text in chunk])
 
 
 @torch.no_grad()

@@ -77,3 +77,52 @@ def test_console_error_has_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "grid", *argv], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"slamgrid: error: {tmp_path / 'nope'}: no such model directory"
+
+
+def _manifest(directory, count, seed):
+    import soundfile as sf
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(count):
+        sf.write(directory / f"{i}.flac", 0.1 * rng.standard_normal(8_000 + 1_000 * i), 16_000)
+        lines.append(json.dumps({"audio": f"{i}.flac", "text": f"the river ran cold {i}"}))
+    (directory / "m.jsonl").write_text("\n".join(lines) + "\n")
+    return directory / "m.jsonl"
+
+
+def test_path_from_speech_pools_the_sets(qwen_dir, wavlm_dir, tmp_path):
+    import torch
+
+    from slam.config import DataConfig, EncoderConfig, ProjectorConfig, SpeechLLMConfig
+    from slam.data import load_dataset
+    from slam.model import build_speech_llm, load_speech_llm, save_speech_llm
+    from slam.redundancy import speech_layer_distances
+
+    cfg = SpeechLLMConfig(EncoderConfig(str(wavlm_dir)), DecoderConfig(str(qwen_dir)), ProjectorConfig(hidden=32))
+    torch.manual_seed(0)
+    save_speech_llm(build_speech_llm(cfg), cfg, tmp_path / "slam")
+    sets = [_manifest(tmp_path / "dev-a", 3, 0), _manifest(tmp_path / "dev-b", 3, 1)]
+    out = tmp_path / "speech.json"
+    argv = ["path", "--model", str(tmp_path / "slam"), "--out", str(out), "--max-samples", "2"]
+    assert main(argv + ["--speech", str(sets[0]), "--speech", str(sets[1]), "--batch-size", "3"]) == 0
+    report = json.loads(out.read_text())
+    assert (report["source"], report["num_samples"], report["n_layers"]) == ("speech", 4, 6)
+    model, _ = load_speech_llm(tmp_path / "slam")
+    pairs = [
+        (s.audio, s.text)
+        for m in sets
+        for s in load_dataset(DataConfig(source="manifest", path=str(m), max_samples=2)).samples()
+    ]
+    direct = speech_layer_distances(model.eval(), pairs, DistanceConfig(batch_size=1))
+    np.testing.assert_allclose(np.array(report["distance"]), direct.distance, atol=1e-5)
+    assert [s["n"] for s in report["path"]] == [2, 3, 4, 5]
+
+
+def test_path_speech_spec_errors(tmp_path, capsys):
+    argv = ["path", "--model", str(tmp_path), "--out", str(tmp_path / "o.json"), "--speech", "tedlium:x"]
+    assert main(argv) == 2
+    assert "--speech 'tedlium:x': expected a manifest .jsonl or SOURCE:PATH[:SPLIT[:NAME]]" in capsys.readouterr().err
+    assert main(["path", "--model", str(tmp_path), "--out", str(tmp_path / "o.json"), "--speech", "x.jsonl"]) == 2
+    assert "x.jsonl" in capsys.readouterr().err  # the manifest is read before any model is loaded
