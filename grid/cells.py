@@ -1,0 +1,244 @@
+"""Cells: an experiment expanded into units of work with stable ids, in an order that respects dependencies.
+
+Kinds, in execution order:
+
+- `train`: baseline projector training of one (model, task).
+- `path`: the distance matrix and optimal pruning path of one (model, task, source): `speech` measures
+  the trained SpeechLLM (depends on its `train` cell) on the task's dev sets; `text` runs the
+  pretrained decoder alone (without any LoRA of the SpeechLLM) on the transcripts of those sets.
+- `eval`: baseline WER or BLEU of a `train` cell on the study task's evaluation sets.
+- `prune`: one (model, path, n, healing) of a study: prune the `train` cell's SpeechLLM along the
+  `path` cell's path, heal it, evaluate it.
+- `summary`: one per study; depends on every path, eval and prune cell of the study.
+
+A cell's `config` is everything that determines its result, as plain JSON data, including the ids of
+the cells it depends on; its `id` hashes kind and config. Display names (of models, tasks, studies)
+are tags, not config, except a summary's study name: the same training in two studies, or in two
+experiment files, is one cell with one id, and renaming a model does not retrain it. A config holds
+only what its stage reads (a `none`-healing cell has no healing training config, a
+projector-only one no LoRA settings), so a change reruns exactly the cells it affects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from grid.experiment import Experiment, ModelSpec, PathSpec, Study, TaskSpec
+from slam.config import HealConfig, SpeechLLMConfig, json_ready, to_dict
+
+KINDS = ("train", "path", "eval", "prune", "summary")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work of the grid."""
+
+    kind: str
+    """`train`, `path`, `eval`, `prune` or `summary`."""
+    config: dict
+    """The cell's full config as JSON-ready data, with its dependencies' ids."""
+    deps: tuple[str, ...]
+    """Ids of the cells that must finish first."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """MLflow tags for finding the cell: model, task, n, fraction, healing, path.*, study."""
+    id: str = field(init=False)
+    """`cell_id(kind, config)`."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"cell.kind={self.kind!r} is not allowed: expected one of {', '.join(KINDS)}")
+        object.__setattr__(self, "id", cell_id(self.kind, self.config))
+
+
+def cell_id(kind: str, config: dict) -> str:
+    """The stable id of a cell: the first 16 hex digits of the sha256 of its canonical JSON.
+
+    Args:
+        kind: The cell's kind.
+        config: Its JSON-ready config.
+
+    Returns:
+        16 lowercase hex digits; equal configs give equal ids in any process or on any machine.
+    """
+    canonical = json.dumps({"kind": kind, "config": config}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def expand(exp: Experiment) -> list[Cell]:
+    """Expand an experiment into its cells, shared cells once, each after the cells it depends on.
+
+    Args:
+        exp: A loaded experiment.
+
+    Returns:
+        The cells ordered by kind (`KINDS`), then by first use in the file's studies.
+    """
+    grid = _Grid(exp)
+    for study in exp.studies:
+        grid.add_study(study)
+    return grid.cells()
+
+
+def plan_summary(cells: list[Cell]) -> dict[str, int]:
+    """The number of cells of each kind, every kind listed, in execution order."""
+    counts = Counter(cell.kind for cell in cells)
+    return {kind: counts[kind] for kind in KINDS}
+
+
+@dataclass
+class _Entry:
+    """A cell being collected; the studies that use it are gathered into its `study` tag."""
+
+    kind: str
+    config: dict
+    deps: tuple[str, ...]
+    tags: dict[str, str]
+    studies: list[str]
+
+
+class _Grid:
+    """Collects the cells of each study, deduplicated by id."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self.exp = exp
+        self.entries: dict[str, _Entry] = {}
+
+    def add_study(self, study: Study) -> None:
+        task = self.exp.tasks[study.task]
+        paths, evals, prunes = [], [], []
+        for model_name in study.models:
+            model = self.exp.models[model_name]
+            refs = [study.resolve(spec, model_name) for spec in study.paths]
+            model_paths = [self.path(self.exp.models[r.model], self.exp.tasks[r.task], r.source, study) for r in refs]
+            paths += model_paths
+            if study.measures_only:
+                continue
+            train = self.train(model, task, study)
+            evals.append(self.eval(model, task, train, study))
+            for ref, path in zip(refs, model_paths):
+                for n in study.depths_for(model.layers):
+                    for healing in study.healing:
+                        prunes.append(self.prune(model, task, train, path, ref, n, healing, study))
+        deps = _unique(paths + evals + prunes)
+        config = {
+            "study": study.name,
+            "task": task.task,
+            "path_cells": _unique(paths),
+            "eval_cells": _unique(evals),
+            "prune_cells": _unique(prunes),
+        }
+        self.add("summary", config, deps, {"task": task.name}, study)
+
+    def train(self, model: ModelSpec, task: TaskSpec, study: Study) -> str:
+        config = {
+            **self.speech_llm(model, task),
+            "data": to_dict(task.train),
+            "train": to_dict(replace(model.train, task=task.task)),
+        }
+        return self.add("train", config, (), {"model": model.name, "task": task.name}, study)
+
+    def path(self, model: ModelSpec, task: TaskSpec, source: str, study: Study) -> str:
+        tags = {"model": model.name, "task": task.name, "path.source": source}
+        dev = {name: to_dict(data) for name, data in task.dev.items()}
+        distance = to_dict(self.exp.distance)
+        if source == "text":
+            # The pretrained LLM alone: a SpeechLLM's LoRA is trained with it, so it has no part in text paths.
+            decoder = to_dict(replace(model.decoder, lora=None))
+            config = {"source": source, "decoder": decoder, "layers": model.layers, "dev": dev, "distance": distance}
+            return self.add("path", config, (), tags, study)
+        train = self.train(model, task, study)
+        config = {
+            "source": source,
+            **self.speech_llm(model, task),
+            "dev": dev,
+            "distance": distance,
+            "train_cell": train,
+        }
+        return self.add("path", config, (train,), tags, study)
+
+    def eval(self, model: ModelSpec, task: TaskSpec, train: str, study: Study) -> str:
+        config = {
+            **self.speech_llm(model, task),
+            "eval": {name: to_dict(data) for name, data in task.eval.items()},
+            "decode": to_dict(self.exp.decode),
+            "train_cell": train,
+        }
+        return self.add("eval", config, (train,), {"model": model.name, "task": task.name}, study)
+
+    def prune(
+        self,
+        model: ModelSpec,
+        task: TaskSpec,
+        train: str,
+        path: str,
+        ref: PathSpec,
+        n: int,
+        healing: str,
+        study: Study,
+    ) -> str:
+        fraction = (n - 1) / model.layers
+        config = {
+            **self.speech_llm(model, task),
+            "n": n,
+            "fraction": fraction,
+            "healing": healing,
+            "heal": _heal(self.exp.heal, healing),
+            "eval": {name: to_dict(data) for name, data in task.eval.items()},
+            "decode": to_dict(self.exp.decode),
+            "train_cell": train,
+            "path_cell": path,
+        }
+        if healing != "none":
+            # Healing trains on the task's training set with the training hyperparameters (paper 3.3).
+            config["data"] = to_dict(task.train)
+            config["heal_train"] = to_dict(replace(model.heal_train, task=task.task))
+        tags = {
+            "model": model.name,
+            "task": task.name,
+            "n": str(n),
+            "fraction": f"{fraction:.4f}",
+            "healing": healing,
+            "path.source": ref.source,
+            "path.task": str(ref.task),
+            "path.model": str(ref.model),
+        }
+        return self.add("prune", config, (train, path), tags, study)
+
+    def speech_llm(self, model: ModelSpec, task: TaskSpec) -> dict[str, Any]:
+        """The SpeechLLM of (model, task), as the `speech_llm`, `layers` and `task` keys of a config."""
+        speech_llm = SpeechLLMConfig(
+            encoder=model.encoder, decoder=model.decoder, projector=self.exp.projector, prompt=task.prompt
+        )
+        return {"speech_llm": to_dict(speech_llm), "layers": model.layers, "task": task.task}
+
+    def add(self, kind: str, config: dict, deps: tuple[str, ...], tags: dict[str, str], study: Study) -> str:
+        config = json_ready(config)
+        key = cell_id(kind, config)
+        entry = self.entries.setdefault(key, _Entry(kind, config, tuple(deps), tags, []))
+        if study.name not in entry.studies:
+            entry.studies.append(study.name)
+        return key
+
+    def cells(self) -> list[Cell]:
+        # Within a kind, first use comes first; every dependency is of an earlier kind.
+        order = sorted(self.entries.values(), key=lambda entry: KINDS.index(entry.kind))
+        return [
+            Cell(entry.kind, entry.config, entry.deps, {**entry.tags, "study": ",".join(entry.studies)})
+            for entry in order
+        ]
+
+
+def _heal(heal: HealConfig, strategy: str) -> dict[str, Any]:
+    """The healing config of one strategy; the LoRA settings only where the strategy adds a LoRA."""
+    cfg = replace(heal, strategy=strategy)
+    if cfg.heals_decoder:
+        return to_dict(cfg)
+    return {"strategy": strategy}
+
+
+def _unique(ids: list[str]) -> list[str]:
+    return list(dict.fromkeys(ids))

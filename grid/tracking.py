@@ -1,0 +1,444 @@
+"""The grid's MLflow store: one run per cell under one parent run per experiment file, read back to resume.
+
+What is finished is read from the store, never from process memory: `GridStore.states` answers from
+`search_runs` alone, so a new driver (or a second one) sees what an earlier one did. Every call goes
+through an explicit `MlflowClient(uri)`: nothing sets MLflow's global tracking URI, so two stores in one
+process do not interfere. `CellRun` is the `slam.track.Tracker` a cell reports through; `slam/` never
+imports MLflow.
+
+Layout in the store:
+
+- One MLflow experiment per experiment file; in it one parent run (tag `grid_role=parent`) holding the
+  summaries (`summaries/{name}.json`, `summaries/{name}/{figure}.png`).
+- One child run per cell (tag `mlflow.parentRunId`), named `{kind}-{id[:8]}`, tagged `cell_id`,
+  `cell_kind` and the cell's tags, its config logged as flattened params (`heal.lora_rank`) and whole
+  as the artifact `config.json`; a failure leaves the tag `error` and the artifact `error.txt`.
+- With a local sqlite store, artifacts go to `mlartifacts/` beside the database file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from grid.cells import Cell
+from slam.track import Tracker
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow.entities import Run
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PENDING = "PENDING"
+"""Status of a cell that has no run yet."""
+TRUNCATED = " ...[truncated; full value in config.json]"
+"""Marker that ends a param value cut to MLflow's length limit."""
+PARENT_TAG = "grid_role"
+"""Tag that marks the experiment's parent run (value `parent`)."""
+ERROR_TAG = "error"
+"""Tag holding the one-line error of a failed or killed cell."""
+
+# MLflow's limits (mlflow.utils.validation): param values 6,000 chars, param keys 250, a log_batch
+# call 1,000 metrics or 100 params/tags.
+_PARAM_VALUE_LIMIT = 6000
+_KEY_LIMIT = 250
+_METRICS_PER_BATCH = 1000
+_PARAMS_PER_BATCH = 100
+_ERROR_LIMIT = 5000
+_PAGE = 1000
+_PARENT_TAG_VALUE = "parent"
+_PARENT_RUN_NAME = "grid"
+_PARENT_RUN_ID_TAG = "mlflow.parentRunId"
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    """The tracking URI to use.
+
+    Args:
+        explicit: A URI given on the command line, if any.
+
+    Returns:
+        `explicit`, else `$MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` (in the working directory).
+    """
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: dotted keys, strings as they are, lists (and `{}`) as JSON.
+
+    Args:
+        config: JSON-ready nested mapping.
+        prefix: Key prefix of this level (with its trailing dot).
+
+    Returns:
+        Dotted key -> value string, e.g. `{"heal.lora_rank": "64", "train.betas": "[0.9, 0.98]"}`.
+    """
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list | tuple | Mapping):
+            flat[name] = json.dumps(value)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+@dataclass(frozen=True)
+class CellState:
+    """What the store knows about one cell."""
+
+    cell_id: str
+    """The cell's id (`grid.cells.cell_id`)."""
+    kind: str
+    """The cell's kind (tag `cell_kind`); empty when it has no run."""
+    status: str
+    """The run's status (`FINISHED`, `FAILED`, `RUNNING`, `KILLED`, `SCHEDULED`), or `PENDING`: no run yet."""
+    run_id: str | None
+    """The run that stands for the cell, None when it has none."""
+    error: str | None
+    """The one-line error of a failed or killed run."""
+    tags: dict[str, str]
+    """The run's tags, without MLflow's own (`mlflow.*`)."""
+
+
+class GridStore:
+    """The cells and summaries of one experiment file in one MLflow tracking store."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        """Open the store and get or create the MLflow experiment.
+
+        Args:
+            uri: Tracking URI (see `tracking_uri`).
+            experiment: Name of the MLflow experiment, the experiment file's `name`.
+        """
+        self.uri = uri
+        self.experiment = experiment
+        self.client = MlflowClient(uri)
+        self.experiment_id = _experiment_id(self.client, experiment, _artifact_location(uri))
+        self._parent: str | None = None
+
+    def states(self, cell_ids: Iterable[str]) -> dict[str, CellState]:
+        """The state of each cell, read from the store alone.
+
+        Args:
+            cell_ids: Ids of the cells to report.
+
+        Returns:
+            Each id mapped to its state; for a cell with several runs the FINISHED one wins, else the
+            newest. A cell without a run is `PENDING`.
+        """
+        wanted = list(dict.fromkeys(cell_ids))
+        runs: dict[str, list[Run]] = {cell: [] for cell in wanted}
+        for run in self._search("tags.cell_id LIKE '%'"):
+            cell = run.data.tags["cell_id"]
+            if cell in runs:
+                runs[cell].append(run)
+        return {cell: _state(cell, _pick(runs[cell])) for cell in wanted}
+
+    def finished(self) -> dict[str, str]:
+        """The cells with a FINISHED run.
+
+        Returns:
+            Cell id -> run id.
+        """
+        runs = self._search("attributes.status = 'FINISHED' and tags.cell_id LIKE '%'")
+        # Oldest first, so that the answer is stable even if a race ever left two.
+        done: dict[str, str] = {}
+        for run in sorted(runs, key=_age):
+            done.setdefault(run.data.tags["cell_id"], run.info.run_id)
+        return done
+
+    def start_cell(self, cell: Cell) -> CellRun:
+        """The run a cell writes to, as a context manager that records how it ended.
+
+        Args:
+            cell: The cell; its kind, id, tags and config are recorded on a new run.
+
+        Returns:
+            A RUNNING `CellRun`: FINISHED on a normal exit of the `with` block, FAILED on an exception
+            (KILLED on a KeyboardInterrupt), which propagates.
+
+        Raises:
+            ValueError: The cell already has a FINISHED run.
+        """
+        # Resume precedence, from the store alone:
+        # 1. A FINISHED run exists: refuse (the runner must not start the cell; never a second FINISHED run).
+        # 2. A FAILED, KILLED or RUNNING (interrupted) run exists: continue that run (the newest), back to
+        #    RUNNING with its `error` tag cleared, so a rerun never duplicates; checkpoints are the runner's.
+        # 3. Else: a new run under the parent run, its params logged once, here.
+        runs = self._search(f"tags.cell_id = '{cell.id}'")
+        run = _pick(runs)
+        tags = {"cell_id": cell.id, "cell_kind": cell.kind, **cell.tags}
+        if run is not None and run.info.status == "FINISHED":
+            raise ValueError(f"cell {cell.id} ({cell.kind}) already has a FINISHED run {run.info.run_id}")
+        if run is not None:
+            run_id = run.info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            if ERROR_TAG in run.data.tags:
+                self.client.delete_tag(run_id, ERROR_TAG)
+            _log_batch(self.client, run_id, tags=tags)
+            # Only what a crash during creation left out: MLflow refuses a param whose value changes.
+            missing = {k: v for k, v in _params(cell.config).items() if k not in run.data.params}
+        else:
+            parent = self.parent_run()
+            created = self.client.create_run(
+                self.experiment_id,
+                tags={**tags, _PARENT_RUN_ID_TAG: parent},
+                run_name=f"{cell.kind}-{cell.id[:8]}",
+            )
+            run_id = created.info.run_id
+            missing = _params(cell.config)
+        if missing:
+            self.client.log_text(run_id, json.dumps(cell.config, indent=2, sort_keys=True), "config.json")
+            _log_batch(self.client, run_id, params=missing)
+        return CellRun(self.client, run_id)
+
+    def parent_run(self) -> str:
+        """The experiment's parent run, created once and reused by every store on this experiment.
+
+        Returns:
+            Its run id.
+        """
+        if self._parent is None:
+            self._parent = self._find_parent() or self._create_parent()
+        return self._parent
+
+    def log_summary(self, name: str, table: dict | list, figures: Mapping[str, Figure] | None = None) -> None:
+        """Log a summary on the parent run: `summaries/{name}.json` and `summaries/{name}/{figure}.png`.
+
+        Args:
+            name: Summary name (a study's name).
+            table: JSON-ready rows or mapping.
+            figures: Matplotlib figures by name.
+        """
+        parent = self.parent_run()
+        self.client.log_text(parent, _json(table), f"summaries/{name}.json")
+        for figure_name, figure in (figures or {}).items():
+            self.client.log_figure(parent, figure, f"summaries/{name}/{figure_name}.png")
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each metric of a run."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    def load_json_artifact(self, run_id: str, path: str) -> Any:
+        """Read a JSON artifact of a run back.
+
+        Args:
+            run_id: The run.
+            path: Artifact path, e.g. `distance.json`.
+
+        Returns:
+            The parsed JSON.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            local = self.client.download_artifacts(run_id, path, tmp)
+            return json.loads(Path(local).read_text(encoding="utf-8"))
+
+    def _search(self, filter_string: str) -> list[Run]:
+        """Every active run of the experiment that matches, all pages."""
+        runs: list[Run] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=filter_string,
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=_PAGE,
+                page_token=token,
+            )
+            runs += page
+            token = page.token
+            if not token:
+                return runs
+
+    def _find_parent(self) -> str | None:
+        parents = sorted(self._search(f"tags.{PARENT_TAG} = '{_PARENT_TAG_VALUE}'"), key=_age)
+        return parents[0].info.run_id if parents else None
+
+    def _create_parent(self) -> str:
+        tags = {PARENT_TAG: _PARENT_TAG_VALUE}
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=_PARENT_RUN_NAME)
+        run_id = run.info.run_id
+        # Only a container: FINISHED, so the UI does not show it running forever; it still takes artifacts.
+        self.client.set_terminated(run_id, "FINISHED")
+        # Two drivers may create one at once: the oldest wins, the others delete their own.
+        winner = self._find_parent()
+        if winner != run_id:
+            self.client.delete_run(run_id)
+        return winner or run_id
+
+
+class CellRun(Tracker):
+    """The MLflow run of one cell while it runs: a `slam.track.Tracker` plus artifacts and tags."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        """Wrap a RUNNING run; `GridStore.start_cell` makes these.
+
+        Args:
+            client: The store's client.
+            run_id: The run.
+        """
+        self.client = client
+        self.run_id = run_id
+        self._started = time.monotonic()
+
+    def __enter__(self) -> CellRun:
+        self._started = time.monotonic()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.log_metrics({"wall_seconds": time.monotonic() - self._started})
+        if exc is None:
+            self.client.set_terminated(self.run_id, "FINISHED")
+            return
+        self.set_tags({ERROR_TAG: _one_line(exc)})
+        self.log_text("error.txt", "".join(traceback.format_exception(exc_type, exc, tb)))
+        status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+        self.client.set_terminated(self.run_id, status)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record scalar metrics, optionally at a step (0 when none).
+
+        Args:
+            metrics: Name -> value, e.g. `{"wer/test-clean": 0.031}`.
+            step: Training step or block size n.
+        """
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+        for i in range(0, len(batch), _METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + _METRICS_PER_BATCH])
+
+    def log_json(self, path: str, data: Any) -> None:
+        """Log JSON-ready data as the artifact `path` (e.g. `distance.json`, `hypotheses/test.json`)."""
+        self.client.log_text(self.run_id, _json(data), path)
+
+    def log_figure(self, path: str, figure: Figure) -> None:
+        """Log a matplotlib figure as the artifact `path` (e.g. `heatmap.png`)."""
+        self.client.log_figure(self.run_id, figure, path)
+
+    def log_text(self, path: str, text: str) -> None:
+        """Log text as the artifact `path`."""
+        self.client.log_text(self.run_id, text, path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) tags of the run."""
+        _log_batch(self.client, self.run_id, tags=tags)
+
+
+def _params(config: Mapping[str, Any]) -> dict[str, str]:
+    """`flatten`, cut to MLflow's limits: long values end with `TRUNCATED`, long keys end with a hash."""
+    params = {}
+    for key, value in flatten(config).items():
+        if len(key) > _KEY_LIMIT:
+            digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
+            key = f"{key[: _KEY_LIMIT - 9]}~{digest}"
+        if len(value) > _PARAM_VALUE_LIMIT:
+            value = value[: _PARAM_VALUE_LIMIT - len(TRUNCATED)] + TRUNCATED
+        params[key] = value
+    return params
+
+
+def _log_batch(
+    client: MlflowClient,
+    run_id: str,
+    params: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> None:
+    """Params and tags in batches of MLflow's size limit."""
+    entities = [Param(k, v) for k, v in (params or {}).items()] + [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for i in range(0, len(entities), _PARAMS_PER_BATCH):
+        chunk = entities[i : i + _PARAMS_PER_BATCH]
+        client.log_batch(
+            run_id,
+            params=[e for e in chunk if isinstance(e, Param)],
+            tags=[e for e in chunk if isinstance(e, RunTag)],
+        )
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """Get or create the experiment; restore it if it was deleted; survive a concurrent creation."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _artifact_location(uri: str) -> str | None:
+    """`mlartifacts/` beside a local sqlite database; None (the server's default) for any other store.
+
+    MLflow's own default for a sqlite store is `./mlruns` in the working directory of whichever process
+    created the experiment, which would scatter artifacts (and tests would write into the repository).
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    database = uri[len(prefix) :].split("?", 1)[0]
+    if database in ("", ":memory:"):
+        return None
+    return (Path(database).resolve().parent / "mlartifacts").as_uri()
+
+
+def _pick(runs: list[Run]) -> Run | None:
+    """The run that stands for a cell: the (oldest) FINISHED one, else the newest."""
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    if finished:
+        return min(finished, key=_age)
+    return max(runs, key=_age, default=None)
+
+
+def _age(run: Run) -> tuple[int, str]:
+    """Sort key by start time; the run id breaks ties so that every process picks the same run."""
+    return run.info.start_time or 0, run.info.run_id
+
+
+def _state(cell_id: str, run: Run | None) -> CellState:
+    if run is None:
+        return CellState(cell_id=cell_id, kind="", status=PENDING, run_id=None, error=None, tags={})
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    return CellState(
+        cell_id=cell_id,
+        kind=tags.get("cell_kind", ""),
+        status=run.info.status,
+        run_id=run.info.run_id,
+        error=tags.get(ERROR_TAG),
+        tags=tags,
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    """`"{ExceptionType}: {message}"` on one line, cut to the error tag's limit."""
+    message = " ".join(str(exc).split())
+    line = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return line if len(line) <= _ERROR_LIMIT else line[: _ERROR_LIMIT - 3] + "..."
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False)
