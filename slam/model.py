@@ -241,6 +241,26 @@ def build_speech_llm(cfg: SpeechLLMConfig) -> SpeechLLM:
     """
     encoder = load_encoder(cfg.encoder)
     decoder, tokenizer = load_decoder(cfg.decoder)
+    return assemble_speech_llm(cfg, encoder, decoder, tokenizer)
+
+
+def assemble_speech_llm(
+    cfg: SpeechLLMConfig, encoder: SpeechEncoder, decoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> SpeechLLM:
+    """Compose a SpeechLLM from backbones already loaded (e.g. kept by a worker across cells).
+
+    The decoder is frozen in place and, with `cfg.decoder.lora`, wrapped with LoRA: pass a copy when
+    the same decoder object serves other models. The projector is freshly initialised.
+
+    Args:
+        cfg: The SpeechLLM config the backbones were loaded from.
+        encoder: The frozen speech encoder.
+        decoder: The causal LM.
+        tokenizer: Its tokenizer.
+
+    Returns:
+        The composed model.
+    """
     decoder.requires_grad_(False)
     if cfg.decoder.lora is not None:
         decoder = add_decoder_lora(decoder, cfg.decoder.lora)
@@ -284,26 +304,42 @@ def load_speech_llm(path: str | Path) -> tuple[SpeechLLM, SpeechLLMConfig]:
     Raises:
         BadInputError: The directory, its config or its weights are missing or do not match.
     """
-    from safetensors.torch import load_file
+    root = Path(path)
+    cfg = read_speech_llm_config(root)
+    model = build_speech_llm(cfg)
+    restore_trained(model, cfg, root)
+    return model, cfg
 
+
+def read_speech_llm_config(path: str | Path) -> SpeechLLMConfig:
+    """The config of a SpeechLLM saved by `save_speech_llm`."""
     root = Path(path)
     for name in (CONFIG_FILE, TRAINED_FILE):
         if not (root / name).is_file():
             raise BadInputError(f"{root}: not a saved SpeechLLM (no {name})")
     try:
-        cfg = from_dict(SpeechLLMConfig, json.loads((root / CONFIG_FILE).read_text()))
+        return from_dict(SpeechLLMConfig, json.loads((root / CONFIG_FILE).read_text()))
     except (ValueError, json.JSONDecodeError) as err:
         raise BadInputError(f"{root / CONFIG_FILE}: {err}") from err
-    model = build_speech_llm(cfg)
+
+
+def restore_trained(model: SpeechLLM, cfg: SpeechLLMConfig, path: str | Path) -> None:
+    """Copy the trained weights saved by `save_speech_llm` into a model composed from `cfg`, in place.
+
+    Raises:
+        BadInputError: The saved weights do not match the model's trained parameters.
+    """
+    from safetensors.torch import load_file
+
+    file = Path(path) / TRAINED_FILE
     params = _trained_parameters(model, cfg)
-    state = load_file(root / TRAINED_FILE)
+    state = load_file(file)
     if set(state) != set(params):
         diff = sorted(set(state) ^ set(params))
-        raise BadInputError(f"{root / TRAINED_FILE}: weights do not match the model ({diff[0]} and others)")
+        raise BadInputError(f"{file}: weights do not match the model ({diff[0]} and others)")
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
-    return model, cfg
 
 
 def load_decoder(cfg: DecoderConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
