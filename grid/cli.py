@@ -1,4 +1,4 @@
-"""The `slamgrid` command line.
+"""The `slamgrid` command line: `run` and `status` of an experiment grid, `path` of one model.
 
 User mistakes (a missing file, a model that cannot be used, a bad value) end with a one-line
 `slamgrid: error: ...` on stderr and exit code 2, without a traceback; anything else is a bug and
@@ -13,6 +13,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from grid.cells import Cell
+    from grid.runner import GridStatus
 
 EXIT_USAGE = 2
 
@@ -71,9 +76,57 @@ def cmd_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """`slamgrid run`: run (or resume) every cell of an experiment; exit 1 unless all of them finished."""
+    import logging
+
+    from grid.runner import run_experiment
+
+    # Progress, one line per cell, on stderr; the final table goes to stdout.
+    runner_log = logging.getLogger("grid.runner")
+    if not runner_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("slamgrid: %(message)s"))
+        runner_log.addHandler(handler)
+    runner_log.setLevel(logging.INFO)
+    report = run_experiment(
+        args.experiment,
+        tracking_uri=args.tracking_uri,
+        workdir=args.workdir,
+        num_workers=args.workers,
+        ray_address=args.address,
+    )
+    print(f"started {report.started} cell(s); backbone loads: {sum(report.loads.values())}")
+    _print_status(report.status)
+    return 0 if report.status.all_finished else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`slamgrid status`: cells per state, read from the store, and why cells failed or are blocked."""
+    from grid.runner import experiment_status
+
+    _print_status(experiment_status(args.experiment, tracking_uri=args.tracking_uri))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slamgrid", description="Decoder-layer redundancy of SpeechLLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run or resume every cell of an experiment file on Ray, tracked in MLflow")
+    run.add_argument("experiment", help="experiment file (YAML), e.g. experiments/demo.yaml")
+    run.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    run.add_argument("--workdir", default="out", help="root of the cells' working directories (checkpoints)")
+    run.add_argument("--workers", type=_positive_int, help="workers to start (default: one per GPU, else per CPU)")
+    run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="cells of an experiment file per state, from the MLflow store")
+    status.add_argument("experiment", help="experiment file (YAML)")
+    status.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    status.set_defaults(func=cmd_status)
     path = sub.add_parser("path", help="distance matrix and optimal pruning path of an LLM from text")
     path.add_argument(
         "--model", required=True, help="causal LM (hub id or directory) with --text; a saved SpeechLLM with --speech"
@@ -97,6 +150,36 @@ def _parser() -> argparse.ArgumentParser:
     path.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
     path.set_defaults(func=cmd_path)
     return parser
+
+
+def _print_status(status: GridStatus) -> None:
+    """Counts per state, then each failed and blocked cell with its reason."""
+    print(f"{status.experiment}: {len(status.cells)} cells")
+    for state, count in status.counts.items():
+        print(f"  {state:<9} {count}")
+    for title, states in (("failed", ("FAILED", "KILLED")), ("blocked", ("BLOCKED",))):
+        listed = [cell for cell in status.cells if cell.state in states]
+        if listed:
+            print(f"{title}:")
+        for cell in listed:
+            print(f"  {_describe(cell.cell)}: {cell.reason or 'no error recorded'}")
+
+
+def _describe(cell: Cell) -> str:
+    """`kind id [tag=value ...]`: the id is the MLflow tag `cell_id`, the tags say what the cell is."""
+    shown = ("model", "task", "path.source", "n", "healing", "study")
+    tags = " ".join(f"{key}={cell.tags[key]}" for key in shown if key in cell.tags)
+    return f"{cell.kind} {cell.id} [{tags}]"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def _data_config(spec: str, on_bad_sample: str, max_samples: int | None):

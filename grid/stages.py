@@ -1,0 +1,549 @@
+"""Executing one cell of the grid, plain (no Ray): the Ray actors and the tests call the same code.
+
+`run_cell` dispatches on the cell's kind; each kind reads its cell's config (`grid.cells`), calls the slam
+stage functions and reports through the cell's MLflow run (`grid.tracking.CellRun`):
+
+- `train`: projector (and optional LoRA) training; artifact `model/` (`slam.model.save_speech_llm`), metrics
+  `train.loss`, `trainable_params`, `peak_memory_mb`.
+- `path`: the distance matrix and optimal pruning path; artifacts `distance.json` (the `slamgrid path` JSON
+  contract, DESIGN section 4) and `heatmap.png` (D[l][l+n], as in the paper's Figure 1).
+- `eval`: baseline scores; metrics `{set}.wer` (percent) or `{set}.bleu`, artifacts `hypotheses/{set}.json`.
+- `prune`: one step of a path applied to the trained SpeechLLM, healed (unless `none`) and evaluated like
+  `eval`; metrics also `trainable_params`, `n`, `fraction`, `removed_layers`, tag `removed`.
+- `summary`: the removable fraction of every (model, path, healing) of a study, computed from the store alone;
+  `summaries/{study}.json` on the parent run, `summary.json` and metrics `removable_fraction.*` on its own.
+
+A cell reads what its dependencies produced from their MLflow runs (never from another cell's working
+directory), so it runs on any worker whatever ran its dependencies. Its own working directory holds what it
+needs to resume after an interruption: training checkpoints (`train/`, `heal/`, see `slam.train`).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import re
+import resource
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from grid.cells import Cell
+from grid.tracking import CellRun, GridStore
+from slam.config import (
+    DataConfig,
+    DecodeConfig,
+    DecoderConfig,
+    DistanceConfig,
+    EncoderConfig,
+    HealConfig,
+    SpeechLLMConfig,
+    TrainConfig,
+    from_dict,
+)
+from slam.data import load_dataset
+from slam.errors import BadInputError
+from slam.evaluate import evaluate
+from slam.healing import add_healing
+from slam.metrics import BLEU_THRESHOLD, WER_THRESHOLD, relative_change, removable_fraction
+from slam.model import (
+    SpeechEncoder,
+    SpeechLLM,
+    assemble_speech_llm,
+    decoder_stack,
+    load_decoder,
+    load_encoder,
+    read_speech_llm_config,
+    restore_trained,
+    save_speech_llm,
+)
+from slam.pruning import drop_layers
+from slam.redundancy import PathStep, pruning_path, speech_layer_distances, text_layer_distances
+from slam.train import train
+
+MODEL_ARTIFACT = "model"
+"""Artifact directory of a `train` cell: the saved SpeechLLM (`speechllm.json`, `trained.safetensors`)."""
+DISTANCE_ARTIFACT = "distance.json"
+"""Artifact of a `path` cell: the `slamgrid path` JSON."""
+HEATMAP_ARTIFACT = "heatmap.png"
+"""Artifact of a `path` cell: D[l][l+n] over layer l and block size n."""
+SUMMARY_ARTIFACT = "summary.json"
+"""Artifact of a `summary` cell: its study's table (also `summaries/{study}.json` on the parent run)."""
+METRIC_OF_TASK = {"asr": "wer", "ast": "bleu"}
+"""The score each task is evaluated and summarised by."""
+
+_THRESHOLDS = {"wer": WER_THRESHOLD, "bleu": BLEU_THRESHOLD}
+# MLflow metric keys allow letters, digits and `_ - . / : space`; model and strategy names may hold more (`+`).
+_METRIC_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+class Backbones:
+    """The backbones a worker has loaded, kept across cells so that each is read from disk (or a hub) once.
+
+    Encoders are shared as they are (frozen, never modified). Decoders are kept on the CPU as masters and
+    every SpeechLLM gets a deep copy, because pruning and LoRA change a decoder in place.
+    """
+
+    def __init__(self, device: str | torch.device | None = None) -> None:
+        """Start empty.
+
+        Args:
+            device: Where models run; None: `cuda` (the worker's one visible GPU) when available, else `cpu`.
+        """
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.loads: dict[str, int] = {}
+        """Loads from disk so far, by `encoder:<name>` and `decoder:<name>`."""
+        self._encoders: dict[EncoderConfig, SpeechEncoder] = {}
+        self._decoders: dict[DecoderConfig, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+
+    def encoder(self, cfg: EncoderConfig) -> SpeechEncoder:
+        """The frozen speech encoder of `cfg`, on `self.device`, loaded on first use."""
+        if cfg not in self._encoders:
+            self._encoders[cfg] = load_encoder(cfg).to(self.device)
+            self._count(f"encoder:{cfg.name}")
+        return self._encoders[cfg]
+
+    def decoder(self, cfg: DecoderConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The master copy of a decoder (on CPU; do not modify it) and its tokenizer, loaded on first use.
+
+        The key leaves out `cfg.lora`: the adapter is added to each SpeechLLM's copy, so the frozen and the
+        LoRA-adapted SpeechLLMs of one LLM, and its text paths, share one load.
+        """
+        key = replace(cfg, lora=None)
+        if key not in self._decoders:
+            self._decoders[key] = load_decoder(key)
+            self._count(f"decoder:{cfg.name}")
+        return self._decoders[key]
+
+    def speech_llm(self, cfg: SpeechLLMConfig, seed: int = 0) -> SpeechLLM:
+        """A fresh SpeechLLM of `cfg` on `self.device`: the shared encoder, a copy of the decoder, a new projector.
+
+        Args:
+            cfg: The SpeechLLM.
+            seed: Seeds the projector's (and a decoder LoRA's) initialisation.
+
+        Returns:
+            The composed model; its projector is initialised, not trained.
+        """
+        encoder = self.encoder(cfg.encoder)
+        decoder, tokenizer = self.decoder(cfg.decoder)
+        torch.manual_seed(seed)
+        return assemble_speech_llm(cfg, encoder, copy.deepcopy(decoder), tokenizer).to(self.device)
+
+    def held(self) -> set[str]:
+        """Names of the decoders loaded, what the scheduler routes cells by."""
+        return {cfg.name for cfg in self._decoders}
+
+    def release(self) -> None:
+        """Free what the last cell left behind (its model copies), keeping the backbones."""
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _count(self, key: str) -> None:
+        self.loads[key] = self.loads.get(key, 0) + 1
+
+
+def run_cell(
+    cell: Cell,
+    run: CellRun,
+    deps: Mapping[str, str],
+    store: GridStore,
+    workdir: Path,
+    backbones: Backbones,
+) -> None:
+    """Execute one cell, reporting to its run; raises on failure (the caller's `with run:` records it).
+
+    Args:
+        cell: The cell.
+        run: Its RUNNING MLflow run (`GridStore.start_cell`).
+        deps: Each dependency's cell id -> its FINISHED run id, where its artifacts and metrics are read.
+        store: The grid's store (reads dependencies' runs; the summary writes on the parent run).
+        workdir: The cell's own directory (checkpoints, downloads); kept between attempts to resume.
+        backbones: The worker's loaded backbones.
+
+    Raises:
+        ValueError: A dependency has no finished run in `deps`.
+        BadInputError: Bad data, a model that does not match the experiment, a missing artifact.
+    """
+    missing = [dep for dep in cell.deps if dep not in deps]
+    if missing:
+        raise ValueError(f"cell {cell.id} ({cell.kind}): no finished run given for dependencies {missing}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    _STAGES[cell.kind](_Context(cell, run, deps, store, workdir, backbones))
+
+
+def distance_heatmap(distance: np.ndarray, path: Iterable[PathStep] = ()) -> Figure:
+    """The paper's Figure 1 for one model: D[l][l+n] with layer l on x and block size n on y.
+
+    Args:
+        distance: (m+1, m+1) mean angular distances over h_0..h_m.
+        path: Optimal pruning path steps to mark (l*(n), n).
+
+    Returns:
+        The figure; cells with l + n > m are blank.
+    """
+    m = distance.shape[0] - 1
+    grid = np.full((m, m), np.nan)  # (n - 1, l): row n-1 holds D[l][l+n] for l = 0..m-n
+    for n in range(1, m + 1):
+        for layer in range(0, m - n + 1):
+            grid[n - 1, layer] = distance[layer, layer + n]
+    figure = Figure(figsize=(5.5, 4.5))
+    axes = figure.subplots()
+    image = axes.imshow(grid, origin="lower", cmap="viridis", vmin=0.0, extent=(-0.5, m - 0.5, 0.5, m + 0.5))
+    figure.colorbar(image, ax=axes, label="angular distance $d(h_l, h_{l+n})$")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    steps = list(path)
+    if steps:
+        axes.scatter([s.start for s in steps], [s.n for s in steps], marker="x", color="red", label="l*(n)")
+        axes.legend(loc="upper right")
+    axes.set_xlabel("layer l")
+    axes.set_ylabel("block size n")
+    return figure
+
+
+def metric_key(*parts: str) -> str:
+    """An MLflow metric key from names: joined by dots, characters MLflow refuses replaced by `_`."""
+    return ".".join(_METRIC_KEY_UNSAFE.sub("_", part) for part in parts)
+
+
+@dataclass
+class _Context:
+    """What one cell's stage works with."""
+
+    cell: Cell
+    run: CellRun
+    deps: Mapping[str, str]
+    store: GridStore
+    workdir: Path
+    backbones: Backbones
+
+    @property
+    def config(self) -> dict:
+        return self.cell.config
+
+    def restored_speech_llm(self) -> tuple[SpeechLLM, SpeechLLMConfig]:
+        """A fresh copy of the SpeechLLM trained by this cell's `train_cell`, its trained weights restored."""
+        cfg = from_dict(SpeechLLMConfig, self.config["speech_llm"], "speech_llm")
+        train_cell = self.config["train_cell"]
+        # A scratch copy of the artifact, gone once restored: cells would otherwise keep one trained model each.
+        with tempfile.TemporaryDirectory(dir=self.workdir) as scratch:
+            saved = Path(self.store.client.download_artifacts(self.deps[train_cell], MODEL_ARTIFACT, scratch))
+            if read_speech_llm_config(saved) != cfg:
+                raise BadInputError(f"the model of train cell {train_cell} was saved from another SpeechLLM config")
+            # The seed is moot: every initialised weight (projector, decoder LoRA) is overwritten by the restore.
+            model = self.backbones.speech_llm(cfg)
+            restore_trained(model, cfg, saved)
+        _check_layers(model.decoder, self.config["layers"], cfg.decoder.name)
+        return model.eval(), cfg
+
+    def evaluate_sets(self, model: SpeechLLM) -> None:
+        """Evaluate on every set of the config's `eval`: metrics `{set}.{wer|bleu}`, `hypotheses/{set}.json`."""
+        task = self.config["task"]
+        decode = from_dict(DecodeConfig, self.config["decode"], "decode")
+        for name, data in _data_sets(self.config["eval"], "eval").items():
+            result = evaluate(model, load_dataset(data), task, decode)
+            self.run.log_metrics(
+                {
+                    f"{name}.{result.metric}": result.score,
+                    f"{name}.num_samples": result.num_samples,
+                    f"{name}.skipped": len(result.skipped),
+                }
+            )
+            hypotheses = {
+                "ids": result.ids,
+                "hypotheses": result.hypotheses,
+                "references": result.references,
+                "skipped": [list(item) for item in result.skipped],
+            }
+            if result.bleu is not None:
+                hypotheses["signature"] = result.bleu.signature
+                self.run.set_tags({f"{name}.bleu_signature": result.bleu.signature})
+            self.run.log_json(f"hypotheses/{name}.json", hypotheses)
+
+
+def _run_train(ctx: _Context) -> None:
+    cfg = from_dict(SpeechLLMConfig, ctx.config["speech_llm"], "speech_llm")
+    train_cfg = from_dict(TrainConfig, ctx.config["train"], "train")
+    device = ctx.backbones.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = ctx.backbones.speech_llm(cfg, seed=train_cfg.seed)
+    _check_layers(model.decoder, ctx.config["layers"], cfg.decoder.name)
+    dataset = load_dataset(from_dict(DataConfig, ctx.config["data"], "data"))
+    trainable = _trainable(model)
+    # Resumes from `train/checkpoints` when an earlier attempt of this cell was interrupted.
+    result = train(model, dataset, train_cfg, out_dir=ctx.workdir / "train", tracker=ctx.run)
+    saved = save_speech_llm(model, cfg, ctx.workdir / MODEL_ARTIFACT)
+    ctx.run.client.log_artifacts(ctx.run.run_id, str(saved), MODEL_ARTIFACT)
+    ctx.run.log_metrics({"train.loss": float(np.mean(result.losses[-train_cfg.log_every :]))}, step=result.steps)
+    ctx.run.log_metrics(
+        {
+            "trainable_params": trainable,
+            "peak_memory_mb": _peak_memory_mb(device),
+            "train.resumed_from": result.resumed_from,
+        }
+    )
+
+
+def _run_path(ctx: _Context) -> None:
+    distance_cfg = from_dict(DistanceConfig, ctx.config["distance"], "distance")
+    # As `slamgrid path --speech`: the sample limit applies to each dev set, so every set is in the pooled mean.
+    dev = _data_sets(ctx.config["dev"], "dev")
+    sets = [load_dataset(_limited(data, distance_cfg.max_samples)) for data in dev.values()]
+    pooled = replace(distance_cfg, max_samples=None)
+    if ctx.config["source"] == "speech":
+        model, cfg = ctx.restored_speech_llm()
+        name = cfg.decoder.name
+        task = ctx.config["task"]
+        pairs = ((sample.audio, sample.target(task)) for dataset in sets for sample in dataset.samples())
+        result = speech_layer_distances(model, pairs, pooled)
+    else:
+        decoder_cfg = from_dict(DecoderConfig, ctx.config["decoder"], "decoder")
+        name = decoder_cfg.name
+        master, tokenizer = ctx.backbones.decoder(decoder_cfg)
+        # Samples are decoded for their transcripts: SpeechDataset gives no text without its audio.
+        texts = [sample.text for dataset in sets for sample in dataset.samples()]
+        decoder = copy.deepcopy(master).to(ctx.backbones.device)
+        result = text_layer_distances(decoder, tokenizer, texts, pooled)
+    if result.n_layers != ctx.config["layers"]:
+        raise BadInputError(
+            f"{name}: the decoder has {result.n_layers} layers but the experiment says layers: {ctx.config['layers']}"
+        )
+    path = pruning_path(result.distance)
+    report = {
+        "model": name,
+        "n_layers": result.n_layers,
+        "source": ctx.config["source"],
+        "num_samples": result.num_samples,
+        "distance": result.distance.tolist(),
+        "path": [step.to_dict() for step in path],
+    }
+    ctx.run.log_json(DISTANCE_ARTIFACT, report)
+    ctx.run.log_figure(HEATMAP_ARTIFACT, distance_heatmap(result.distance, path))
+    skipped = sum(len(dataset.skipped) for dataset in sets)
+    ctx.run.log_metrics({"num_samples": result.num_samples, "n_layers": result.n_layers, "skipped": skipped})
+
+
+def _run_eval(ctx: _Context) -> None:
+    model, _ = ctx.restored_speech_llm()
+    ctx.evaluate_sets(model)
+
+
+def _run_prune(ctx: _Context) -> None:
+    report = ctx.store.load_json_artifact(ctx.deps[ctx.config["path_cell"]], DISTANCE_ARTIFACT)
+    if report["n_layers"] != ctx.config["layers"]:
+        raise BadInputError(
+            f"path cell {ctx.config['path_cell']}: its path is for {report['n_layers']} layers, "
+            f"this model has {ctx.config['layers']}"
+        )
+    step = _path_step(report, ctx.config["n"], ctx.config["path_cell"])
+    device = ctx.backbones.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, _ = ctx.restored_speech_llm()
+    drop_layers(model.decoder, step.removed)
+    heal = from_dict(HealConfig, ctx.config["heal"], "heal")
+    trainable = 0
+    if heal.strategy != "none":
+        heal_train = from_dict(TrainConfig, ctx.config["heal_train"], "heal_train")
+        # Seeds the healing LoRA's initialisation, which happens before `train` seeds everything else.
+        torch.manual_seed(heal_train.seed)
+        trainable = add_healing(model, step.receiving_layer, heal).trainable
+        dataset = load_dataset(from_dict(DataConfig, ctx.config["data"], "data"))
+        train(model, dataset, heal_train, out_dir=ctx.workdir / "heal", tracker=ctx.run)
+    ctx.run.set_tags({"removed": json.dumps(list(step.removed)), "receiving_layer": str(step.receiving_layer)})
+    ctx.run.log_metrics(
+        {
+            "n": step.n,
+            "fraction": step.fraction,
+            "removed_layers": len(step.removed),
+            "trainable_params": trainable,
+        }
+    )
+    ctx.evaluate_sets(model)
+    ctx.run.log_metrics({"peak_memory_mb": _peak_memory_mb(device)})
+
+
+def _run_summary(ctx: _Context) -> None:
+    table = _summary_table(ctx.store, ctx.config, ctx.deps)
+    figures = {"degradation": _degradation_figure(table)} if table["results"] else {}
+    ctx.store.log_summary(ctx.config["study"], table, figures)
+    ctx.run.log_json(SUMMARY_ARTIFACT, table)
+    fractions = {
+        metric_key("removable_fraction", row["model"], row["path_label"], row["healing"]): row["removable_fraction"]
+        for row in table["results"]
+        if row["removable_fraction"] is not None
+    }
+    if fractions:
+        ctx.run.log_metrics(fractions)
+
+
+_STAGES: dict[str, Callable[[_Context], None]] = {
+    "train": _run_train,
+    "path": _run_path,
+    "eval": _run_eval,
+    "prune": _run_prune,
+    "summary": _run_summary,
+}
+
+
+def _summary_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict[str, Any]:
+    """A study's results, read back from its dependencies' runs: baselines, pruned scores, removable fractions.
+
+    Each result is one (model, path, healing): its baseline (the eval cell of the same trained SpeechLLM), one
+    row per pruned depth, and the removable fraction (`slam.metrics.removable_fraction`); the fraction is None
+    when a baseline score is 0, where the relative change is undefined.
+    """
+    metric = METRIC_OF_TASK[config["task"]]
+    baselines: dict[str, dict[str, float]] = {}
+    for cell in config["eval_cells"]:
+        run = store.client.get_run(deps[cell])
+        baselines[run.data.params["train_cell"]] = _scores(run.data.metrics, metric)
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for cell in config["prune_cells"]:
+        run = store.client.get_run(deps[cell])
+        tags, metrics = run.data.tags, run.data.metrics
+        label = _path_label(tags)
+        group = groups.setdefault(
+            (tags["model"], label, tags["healing"]),
+            {
+                "model": tags["model"],
+                "path": {"source": tags["path.source"], "task": tags["path.task"], "model": tags["path.model"]},
+                "path_label": label,
+                "healing": tags["healing"],
+                "baseline": baselines[run.data.params["train_cell"]],
+                "rows": [],
+            },
+        )
+        group["rows"].append(
+            {
+                "n": int(metrics["n"]),
+                "fraction": metrics["fraction"],
+                "removed": json.loads(tags["removed"]),
+                "scores": _scores(metrics, metric),
+                "cell_id": cell,
+            }
+        )
+    results = [_result(group, metric) for group in groups.values()]
+    paths = []
+    for cell in config["path_cells"]:
+        run = store.client.get_run(deps[cell])
+        report = store.load_json_artifact(run.info.run_id, DISTANCE_ARTIFACT)
+        paths.append(
+            {
+                "model": run.data.tags.get("model"),
+                "task": run.data.tags.get("task"),
+                "source": report["source"],
+                "n_layers": report["n_layers"],
+                "num_samples": report["num_samples"],
+                "path": report["path"],
+                "cell_id": cell,
+            }
+        )
+    return {
+        "study": config["study"],
+        "task": config["task"],
+        "metric": metric,
+        "threshold": _THRESHOLDS[metric],
+        "results": results,
+        "paths": paths,
+    }
+
+
+def _result(group: dict[str, Any], metric: str) -> dict[str, Any]:
+    baseline = group["baseline"]
+    rows = sorted(group["rows"], key=lambda row: row["n"])
+    for row in rows:
+        row["delta"] = {
+            name: relative_change(row["scores"][name], base) if base != 0 and name in row["scores"] else None
+            for name, base in baseline.items()
+        }
+    zero = sorted(name for name, base in baseline.items() if base == 0)
+    if zero:
+        fraction, note = None, f"baseline {metric} is 0 on {', '.join(zero)}: the relative change is undefined"
+    else:
+        fraction = removable_fraction(baseline, {row["fraction"]: row["scores"] for row in rows}, metric)
+        note = None
+    return {**group, "rows": rows, "removable_fraction": fraction, "note": note}
+
+
+def _degradation_figure(table: dict[str, Any]) -> Figure:
+    """Figure 2 in small: each set's score against the fraction of layers removed, per (model, path, healing)."""
+    figure = Figure(figsize=(6.5, 4.5))
+    axes = figure.subplots()
+    for result in table["results"]:
+        for name, base in result["baseline"].items():
+            points = [(0.0, base)] + [(row["fraction"], row["scores"][name]) for row in result["rows"]]
+            label = f"{result['model']} {result['path_label']} {result['healing']} {name}"
+            axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    axes.set_xlabel("fraction of decoder layers removed")
+    axes.set_ylabel(f"{table['metric'].upper()}{' (%)' if table['metric'] == 'wer' else ''}")
+    axes.set_title(f"{table['study']}")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def _path_label(tags: Mapping[str, str]) -> str:
+    """`{source}-{task}` of a prune cell's path, plus `-{model}` when the path is another model's."""
+    label = f"{tags['path.source']}-{tags['path.task']}"
+    return label if tags["path.model"] == tags["model"] else f"{label}-{tags['path.model']}"
+
+
+def _scores(metrics: Mapping[str, float], metric: str) -> dict[str, float]:
+    """`{set}.{metric}` metrics as set -> score."""
+    suffix = f".{metric}"
+    return {key[: -len(suffix)]: value for key, value in metrics.items() if key.endswith(suffix)}
+
+
+def _path_step(report: dict, n: int, path_cell: str) -> PathStep:
+    for step in report["path"]:
+        if step["n"] == n:
+            return PathStep(
+                n=n,
+                start=step["start"],
+                removed=tuple(step["removed"]),
+                fraction=step["fraction"],
+                distance=step["distance"],
+            )
+    raise BadInputError(f"path cell {path_cell}: its distance.json has no step n={n}")
+
+
+def _data_sets(raw: Mapping[str, dict], where: str) -> dict[str, DataConfig]:
+    return {name: from_dict(DataConfig, data, f"{where}.{name}") for name, data in raw.items()}
+
+
+def _limited(data: DataConfig, max_samples: int | None) -> DataConfig:
+    if max_samples is None:
+        return data
+    return replace(data, max_samples=min(data.max_samples or math.inf, max_samples))
+
+
+def _check_layers(decoder: nn.Module, layers: int, name: str) -> None:
+    """The experiment's `layers` (m, from which depths were expanded) against the decoder actually loaded."""
+    m = len(decoder_stack(decoder).layers)
+    if m != layers:
+        raise BadInputError(f"{name}: the decoder has {m} layers but the experiment says layers: {layers}")
+
+
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by this cell; on CPU the process's peak resident size (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,336 @@
+"""The grid runner: every cell once on Ray workers that keep their backbones, resume from the store, failures that
+block their dependents only, summaries that agree with the slam functions, and the `run` / `status` commands.
+
+One tiny world (a 4-layer Qwen2-shaped LM, a tiny WavLM, 8 noise utterances) and one local Ray with 2 CPUs and 2
+logical GPUs serve the whole module; the grid's cells run for real, only their sizes are tiny.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import soundfile as sf
+import yaml
+from mlflow.tracking import MlflowClient
+
+from grid.cells import Cell, expand
+from grid.cli import main
+from grid.experiment import load_experiment
+from grid.runner import RunReport, backbone_of, experiment_status, route, run_experiment
+from grid.stages import Backbones
+from grid.tracking import GridStore
+from slam.config import DecoderConfig, DistanceConfig, EncoderConfig, ProjectorConfig, SpeechLLMConfig
+from slam.metrics import removable_fraction
+from slam.model import load_decoder
+from slam.redundancy import text_layer_distances
+from slam.tiny import build_tiny_lm, build_tiny_wavlm
+
+TEXTS = ["the river ran cold", "she opened the window", "a small boat", "seven birds", "a long letter",
+         "the old bridge", "morning air", "his brother"]  # fmt: skip
+LAYERS = 4
+STUDIES = [
+    {"name": "asr", "task": "asr", "models": ["tiny"], "paths": [{"source": "speech"}], "depths": [2],
+     "healing": ["none", "decoder+projector"]},
+    {"name": "ast", "task": "ast", "models": ["tiny"], "paths": [{"source": "speech"}], "depths": [2],
+     "healing": ["none", "decoder+projector"]},
+    {"name": "text", "task": "asr", "models": ["tiny"], "paths": [{"source": "text"}], "depths": []},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Tiny backbones, 8 noise utterances of 0.3-0.5 s with texts and translations, and manifests."""
+    root = tmp_path_factory.mktemp("world")
+    build_tiny_lm(root / "lm", TEXTS + [" ".join(reversed(t.split())) for t in TEXTS], layers=LAYERS, hidden=32)
+    build_tiny_wavlm(root / "encoder")
+    rng = np.random.default_rng(0)
+    (root / "audio").mkdir()
+    lines = []
+    for i, text in enumerate(TEXTS):
+        seconds = 0.3 + 0.2 * i / (len(TEXTS) - 1)
+        sf.write(root / "audio" / f"{i}.flac", 0.1 * rng.standard_normal(int(16_000 * seconds)), 16_000)
+        record = {
+            "id": f"u{i}",
+            "audio": f"audio/{i}.flac",
+            "text": text,
+            "translation": " ".join(reversed(text.split())),
+        }
+        lines.append(json.dumps(record))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "dev.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    (root / "test.jsonl").write_text("\n".join(lines[4:]) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def first_run(world, ray_cluster) -> tuple[Path, str, RunReport]:
+    """The whole grid, run once."""
+    path = _experiment(world, "runner", STUDIES)
+    uri = f"sqlite:///{world}/mlflow.db"
+    return path, uri, run_experiment(path, tracking_uri=uri, workdir=world / "out")
+
+
+def test_every_cell_finishes_with_exactly_one_run(first_run):
+    path, uri, report = first_run
+    cells = expand(load_experiment(path))
+    assert [c.kind for c in cells].count("prune") == 4 and len(cells) == 14
+    assert report.counts == {"FINISHED": 14}
+    assert report.failed == [] and report.started == 14
+    runs = _runs(uri, "runner")
+    assert Counter(run.data.tags["cell_id"] for run in runs) == Counter(c.id for c in cells)
+    assert all(run.info.status == "FINISHED" for run in runs)
+    train = next(run for run in runs if run.data.tags["cell_kind"] == "train")
+    assert train.data.metrics["trainable_params"] > 0 and np.isfinite(train.data.metrics["train.loss"])
+    prunes = [run for run in runs if run.data.tags["cell_kind"] == "prune"]
+    for run in prunes:
+        assert run.data.metrics["removed_layers"] == 1 and run.data.metrics["fraction"] == 1 / LAYERS
+        healed = run.data.tags["healing"] != "none"
+        assert (run.data.metrics["trainable_params"] > 0) == healed
+
+
+def test_backbones_are_loaded_once_per_worker_not_per_cell(first_run):
+    path, uri, report = first_run
+    cells = {c.id: c for c in expand(load_experiment(path))}
+    pairs = set()
+    for run in _runs(uri, "runner"):
+        cell = cells[run.data.tags["cell_id"]]
+        worker = run.data.tags["worker"]
+        if "speech_llm" in cell.config:
+            pairs.add((worker, f"encoder:{cell.config['speech_llm']['encoder']['name']}"))
+        if backbone_of(cell) is not None:
+            pairs.add((worker, f"decoder:{backbone_of(cell)}"))
+    assert {(worker, key) for worker, loads in report.worker_loads.items() for key in loads} == pairs
+    assert all(count == 1 for loads in report.worker_loads.values() for count in loads.values())
+    assert sum(report.loads.values()) == len(pairs) <= 4
+    parent = GridStore(uri, "runner").parent_run()
+    assert MlflowClient(uri).get_run(parent).data.metrics["backbone_loads"] == len(pairs)
+
+
+def test_a_second_run_starts_no_cell_and_creates_no_run(first_run, world):
+    path, uri, _ = first_run
+    before = len(_runs(uri, "runner"))
+    again = run_experiment(path, tracking_uri=uri, workdir=world / "out")
+    assert again.started == 0 and again.worker_loads == {}
+    assert again.counts == {"FINISHED": 14}
+    assert len(_runs(uri, "runner")) == before
+
+
+def test_path_cells_log_the_path_contract(first_run, world):
+    _, uri, _ = first_run
+    client = MlflowClient(uri)
+    paths = [run for run in _runs(uri, "runner") if run.data.tags["cell_kind"] == "path"]
+    assert sorted(run.data.tags["path.source"] for run in paths) == ["speech", "speech", "text"]
+    for run in paths:
+        report = GridStore(uri, "runner").load_json_artifact(run.info.run_id, "distance.json")
+        assert set(report) == {"model", "n_layers", "source", "num_samples", "distance", "path"}
+        assert (report["model"], report["n_layers"]) == (str(world / "lm"), LAYERS)
+        assert (report["source"], report["num_samples"]) == (run.data.tags["path.source"], 4)
+        distance = np.array(report["distance"])
+        np.testing.assert_allclose(distance, distance.T, atol=1e-12)
+        assert distance.shape == (LAYERS + 1, LAYERS + 1) and np.all(np.diag(distance) == 0)
+        assert [step["n"] for step in report["path"]] == [2, 3]
+        for step in report["path"]:
+            assert step["removed"] == list(range(step["start"] + 1, step["start"] + step["n"]))
+            assert step["distance"] == min(distance[i, i + step["n"]] for i in range(1, LAYERS - step["n"] + 1))
+        assert "heatmap.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    text = next(run for run in paths if run.data.tags["path.source"] == "text")
+    report = GridStore(uri, "runner").load_json_artifact(text.info.run_id, "distance.json")
+    decoder, tokenizer = load_decoder(DecoderConfig(str(world / "lm")))
+    direct = text_layer_distances(decoder, tokenizer, TEXTS[:4], DistanceConfig(batch_size=4))
+    np.testing.assert_allclose(report["distance"], direct.distance, atol=1e-6)
+
+
+def test_summaries_equal_the_slam_functions_on_the_logged_metrics(first_run):
+    _, uri, _ = first_run
+    client = MlflowClient(uri)
+    store = GridStore(uri, "runner")
+    runs = _runs(uri, "runner")
+    for study, metric in (("asr", "wer"), ("ast", "bleu")):
+        baseline_run = next(r for r in runs if r.data.tags["cell_kind"] == "eval" and r.data.tags["task"] == study)
+        baseline = {"test": baseline_run.data.metrics[f"test.{metric}"]}
+        summary_run = next(r for r in runs if r.data.tags["cell_kind"] == "summary" and r.data.tags["study"] == study)
+        table = store.load_json_artifact(summary_run.info.run_id, "summary.json")
+        assert table == store.load_json_artifact(store.parent_run(), f"summaries/{study}.json")
+        assert (table["metric"], len(table["results"])) == (metric, 2)
+        for healing in ("none", "decoder+projector"):
+            pruned = [
+                r
+                for r in runs
+                if r.data.tags["cell_kind"] == "prune"
+                and r.data.tags["task"] == study
+                and r.data.tags["healing"] == healing
+            ]
+            scores = {r.data.metrics["fraction"]: {"test": r.data.metrics[f"test.{metric}"]} for r in pruned}
+            result = next(row for row in table["results"] if row["healing"] == healing)
+            assert result["baseline"] == baseline
+            assert [row["scores"] for row in result["rows"]] == list(scores.values())
+            key = f"removable_fraction.tiny.speech-{study}.{healing.replace('+', '_')}"
+            if baseline["test"] == 0:  # a random tiny model may score BLEU 0: the relative change is undefined
+                assert result["removable_fraction"] is None and key not in summary_run.data.metrics
+                continue
+            expected = removable_fraction(baseline, scores, metric)
+            assert result["removable_fraction"] == expected
+            assert summary_run.data.metrics[key] == expected
+    text_summary = next(r for r in runs if r.data.tags["cell_kind"] == "summary" and r.data.tags["study"] == "text")
+    table = store.load_json_artifact(text_summary.info.run_id, "summary.json")
+    assert table["results"] == [] and [p["source"] for p in table["paths"]] == ["text"]
+    assert client.get_run(text_summary.info.run_id).info.status == "FINISHED"
+
+
+def test_a_failed_cell_blocks_its_dependents_and_reruns_in_the_same_run(world, ray_cluster, capsys):
+    uri = f"sqlite:///{world}/mlflow.db"
+    study = {**STUDIES[0], "healing": ["none"]}
+    path = _experiment(world, "broken", [study], dev="late-dev.jsonl")
+    argv = ["--tracking-uri", uri]
+    assert main(["run", str(path), *argv, "--workdir", str(world / "out")]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+    status = {s.cell.kind: s for s in experiment_status(path, tracking_uri=uri).cells}
+    assert {kind: s.state for kind, s in status.items()} == {
+        "train": "FINISHED",
+        "path": "FAILED",
+        "eval": "FINISHED",
+        "prune": "BLOCKED",
+        "summary": "BLOCKED",
+    }
+    assert "BadInputError" in status["path"].reason and "late-dev.jsonl" in status["path"].reason
+    assert status["prune"].reason == f"dependency path {status['path'].cell.id} is FAILED"
+    assert main(["status", str(path), *argv]) == 0
+    out = capsys.readouterr().out
+    assert f"path {status['path'].cell.id} [" in out and "late-dev.jsonl" in out and "BLOCKED   2" in out
+
+    shutil.copy(world / "dev.jsonl", world / "late-dev.jsonl")
+    report = run_experiment(path, tracking_uri=uri, workdir=world / "out")
+    assert report.counts == {"FINISHED": 5} and report.started == 3
+    runs = _runs(uri, "broken")
+    assert len(runs) == 5
+    rerun = next(run for run in runs if run.data.tags["cell_kind"] == "path")
+    assert rerun.info.run_id == status["path"].run_id and "error" not in rerun.data.tags
+
+
+@pytest.mark.slow
+def test_a_cell_whose_worker_dies_is_failed_and_resumes_from_its_checkpoint(world, ray_cluster):
+    uri = f"sqlite:///{world}/mlflow.db"
+    study = {**STUDIES[0], "healing": ["none"]}
+    path = _experiment(world, "killed", [study], train={"steps": 1000, "batch_size": 2, "checkpoint_every": 20})
+    result: dict[str, RunReport] = {}
+    thread = threading.Thread(target=lambda: result.update(first=run_experiment(path, uri, world / "out")))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not list((world / "out" / "killed").glob("*/train/checkpoints/step-*")):
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    [train] = [run for run in _runs(uri, "killed") if run.data.tags["cell_kind"] == "train"]
+    os.kill(int(train.data.tags["worker"].rpartition(":")[2]), signal.SIGKILL)
+    thread.join()
+
+    first = result["first"]
+    assert first.counts == {"FAILED": 1, "BLOCKED": 4}
+    [(cell, error)] = first.failed
+    assert cell == train.data.tags["cell_id"] and error.startswith("worker died: ")
+    assert MlflowClient(uri).get_run(train.info.run_id).info.status == "FAILED"
+    again = run_experiment(path, uri, world / "out")
+    assert again.counts == {"FINISHED": 5}
+    [resumed] = [run for run in _runs(uri, "killed") if run.data.tags["cell_kind"] == "train"]
+    assert resumed.info.run_id == train.info.run_id and resumed.data.metrics["train.resumed_from"] >= 20
+
+
+def test_status_of_a_store_that_does_not_exist_writes_nothing(world, tmp_path):
+    path = _experiment(world, "runner", STUDIES)
+    status = experiment_status(path, tracking_uri=f"sqlite:///{tmp_path}/none.db")
+    assert status.counts == {"PENDING": 14} and not (tmp_path / "none.db").exists()
+
+
+def test_a_bad_experiment_file_is_a_one_line_error(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"slamgrid: error: {tmp_path / 'missing.yaml'}: no such experiment file"
+
+
+def test_route_prefers_an_idle_worker_that_holds_the_backbone():
+    a, b, summary = _cell("a", "train"), _cell("b", "train"), _cell(None, "summary")
+    held = {0: frozenset({"a"}), 1: frozenset({"b"}), 2: frozenset()}
+    # b's holder is idle: it gets b although a empty worker is listed first; a's holder is busy.
+    assert route([a, b], idle=[2, 1], held=held) == [(b, 1), (a, 2)]
+    assert route([a, b, summary], idle=[0, 1], held=held) == [(a, 0), (b, 1)]
+    assert route([summary, a], idle=[1, 2], held=held) == [(summary, 2), (a, 1)]
+
+
+def test_backbones_load_each_backbone_once_and_give_independent_decoders(world):
+    backbones = Backbones()
+    cfg = SpeechLLMConfig(
+        encoder=EncoderConfig(str(world / "encoder")),
+        decoder=DecoderConfig(str(world / "lm")),
+        projector=ProjectorConfig(hidden=16),
+    )
+    first, second = backbones.speech_llm(cfg), backbones.speech_llm(cfg)
+    master, _ = backbones.decoder(cfg.decoder)
+    assert backbones.loads == {f"encoder:{world / 'encoder'}": 1, f"decoder:{world / 'lm'}": 1}
+    assert first.encoder is second.encoder and first.decoder is not second.decoder and first.decoder is not master
+    assert backbones.held() == {str(world / "lm")}
+    first.decoder.model.layers = first.decoder.model.layers[:1]
+    assert len(second.decoder.model.layers) == len(master.model.layers) == LAYERS
+    seeded = backbones.speech_llm(cfg, seed=3), backbones.speech_llm(cfg, seed=3)
+    assert all(p.equal(q) for p, q in zip(seeded[0].projector.parameters(), seeded[1].projector.parameters()))
+
+
+def _experiment(root: Path, name: str, studies: list[dict], dev: str = "dev.jsonl", train: dict | None = None) -> Path:
+    def data(file: str) -> dict:
+        return {"source": "manifest", "path": str(root / file)}
+
+    def task(kind: str, prompt: str) -> dict:
+        return {"task": kind, "prompt": prompt, "train": data("train.jsonl"), "dev": {"dev": data(dev)},
+                "eval": {"test": data("test.jsonl")}}  # fmt: skip
+
+    experiment = {
+        "name": name,
+        "defaults": {
+            "projector": {"stack": 5, "hidden": 16},
+            "train": train or {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 2},
+            "heal": {"lora_rank": 4, "lora_alpha": 4},
+            "heal_train": {"steps": 2},
+            "decode": {"batch_size": 4, "max_new_tokens": 4},
+            "distance": {"batch_size": 4, "max_samples": 4},
+            "seed": 0,
+        },
+        "models": {
+            "tiny": {
+                "encoder": {"name": str(root / "encoder"), "kind": "wavlm"},
+                "decoder": {"name": str(root / "lm")},
+                "layers": LAYERS,
+            }
+        },
+        "tasks": {"asr": task("asr", "Transcribe speech to text."), "ast": task("ast", "Translate speech.")},
+        "studies": studies,
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    return path
+
+
+def _runs(uri: str, experiment: str) -> list:
+    """Every cell run of an experiment (the parent run left out)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.cell_id LIKE '%'", max_results=1000)
+
+
+def _cell(decoder: str | None, kind: str) -> Cell:
+    config = {"speech_llm": {"decoder": {"name": decoder}}} if decoder else {"study": "s"}
+    return Cell(kind, config, ())
