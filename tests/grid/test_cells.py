@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import yaml
 from grid.cells import KINDS, Cell, cell_id, expand, plan_summary
 from grid.experiment import load_experiment
 from tests.conftest import REPO
+from tests.grid.edits import set_at
 
 EXPERIMENTS = REPO / "experiments"
 FILES = sorted(EXPERIMENTS.glob("*.yaml"))
@@ -227,69 +227,58 @@ def test_two_studies_with_the_same_axes_share_every_cell_but_the_summary(tmp_pat
     assert first.deps == second.deps and first.id != second.id
 
 
-def _edit(path: str, value) -> Callable[[dict], None]:
-    def edit(doc: dict) -> None:
-        *parents, last = [int(part) if part.isdigit() else part for part in path.split("/")]
-        target = doc
-        for part in parents:
-            target = target[part]
-        target[last] = value
-
-    return edit
-
-
 def _heals_decoder(cell: Cell) -> bool:
     return cell.kind == "prune" and cell.tags["healing"] in ("decoder", "decoder+projector")
 
 
 # (file, edit, the cells the edited value reaches directly); their dependents change too, nothing else.
 CHANGES = {
-    "heal LoRA rank": ("demo.yaml", _edit("defaults/heal/lora_rank", 32), _heals_decoder),
+    "heal LoRA rank": ("demo.yaml", set_at("defaults/heal/lora_rank", 32), _heals_decoder),
     # All four strategies: `none` and `projector` add no LoRA, so its settings do not reach them.
-    "heal LoRA dropout": ("paper.yaml", _edit("defaults/heal/lora_dropout", 0.1), _heals_decoder),
+    "heal LoRA dropout": ("paper.yaml", set_at("defaults/heal/lora_dropout", 0.1), _heals_decoder),
     "healing steps": (
         "demo.yaml",
-        _edit("defaults/heal_train/steps", 100),
+        set_at("defaults/heal_train/steps", 100),
         lambda c: c.kind == "prune" and c.tags["healing"] != "none",
     ),
     "an ASR dev set": (
         "demo.yaml",
-        _edit("tasks/asr/dev/dev/path", "elsewhere/dev.jsonl"),
+        set_at("tasks/asr/dev/dev/path", "elsewhere/dev.jsonl"),
         lambda c: c.kind == "path" and c.tags["task"] == "asr",
     ),
     "an AST eval set": (
         "demo.yaml",
-        _edit("tasks/ast/eval/test/max_samples", 10),
+        set_at("tasks/ast/eval/test/max_samples", 10),
         lambda c: c.kind in ("eval", "prune") and c.tags["task"] == "ast",
     ),
     "the ASR prompt": (
         "demo.yaml",
-        _edit("tasks/asr/prompt", "Write down what is said."),
+        set_at("tasks/asr/prompt", "Write down what is said."),
         # The prompt is part of every SpeechLLM of the task, not of the decoder-only text path.
         lambda c: (
             c.kind != "summary" and c.tags["task"] == "asr" and (c.kind, c.tags.get("path.source")) != ("path", "text")
         ),
     ),
-    "decoding": ("demo.yaml", _edit("defaults/decode/max_new_tokens", 50), lambda c: c.kind in ("eval", "prune")),
-    "distances": ("demo.yaml", _edit("defaults/distance/max_samples", 32), lambda c: c.kind == "path"),
+    "decoding": ("demo.yaml", set_at("defaults/decode/max_new_tokens", 50), lambda c: c.kind in ("eval", "prune")),
+    "distances": ("demo.yaml", set_at("defaults/distance/max_samples", 32), lambda c: c.kind == "path"),
     "projector": (
         "demo.yaml",
-        _edit("defaults/projector/hidden", 128),
+        set_at("defaults/projector/hidden", 128),
         lambda c: c.kind in ("train", "eval", "prune") or (c.kind == "path" and c.tags["path.source"] == "speech"),
     ),
     "a study's name": (
         "demo.yaml",
-        _edit("studies/1/name", "translation"),
+        set_at("studies/1/name", "translation"),
         lambda c: c.kind == "summary" and c.tags["study"] == "ast",
     ),
     "one model's training steps": (
         "paper.yaml",
-        _edit("models/llama-3.1-8b/train/steps", 60_000),
+        set_at("models/llama-3.1-8b/train/steps", 60_000),
         lambda c: c.kind == "train" and c.tags["model"] == "llama-3.1-8b",
     ),
     "one model's LoRA": (
         "paper.yaml",
-        _edit("models/qwen2.5-7b-lora/decoder/lora/rank", 32),
+        set_at("models/qwen2.5-7b-lora/decoder/lora/rank", 32),
         lambda c: c.kind == "train" and c.tags["model"] == "qwen2.5-7b-lora",
     ),
 }

@@ -17,6 +17,7 @@ from grid.experiment import ALL_DEPTHS, PathSpec, load_experiment
 from slam.config import HEAL_STRATEGIES
 from slam.errors import BadInputError
 from tests.conftest import REPO
+from tests.grid.edits import set_at
 
 EXPERIMENTS = REPO / "experiments"
 FILES = sorted(EXPERIMENTS.glob("*.yaml"))
@@ -157,19 +158,6 @@ def test_model_overrides_merge_over_defaults_and_healing_inherits_them(tmp_path)
     assert (model.heal_train.batch_size, model.train.batch_size) == (4, 8)
 
 
-def _set(path: str, value) -> Callable[[dict], None]:
-    """An edit of the document: set the value at a dotted path (list indices as integers)."""
-
-    def edit(doc: dict) -> None:
-        *parents, last = [int(part) if part.isdigit() else part for part in path.split("/")]
-        target = doc
-        for part in parents:
-            target = target[part]
-        target[last] = value
-
-    return edit
-
-
 def _delete(path: str) -> Callable[[dict], None]:
     def edit(doc: dict) -> None:
         *parents, last = path.split("/")
@@ -183,70 +171,70 @@ def _delete(path: str) -> Callable[[dict], None]:
 
 BAD = {
     "healing not a strategy": (
-        _set("studies/0/healing/0", "all"),
+        set_at("studies/0/healing/0", "all"),
         "studies[0].healing[0]='all' is not allowed: expected one of none, decoder, projector, decoder+projector",
     ),
     "unknown top-level key": (
-        _set("studys", []),
+        set_at("studys", []),
         "studys: unknown key; allowed keys: name, defaults, models, tasks, studies",
     ),
     "unknown slam config key": (
-        _set("defaults/heal", {"lora_rnak": 8}),
+        set_at("defaults/heal", {"lora_rnak": 8}),
         "defaults.heal.lora_rnak: unknown key; allowed keys: strategy, lora_rank, lora_alpha, lora_dropout, "
         "lora_targets",
     ),
     "bad slam config value": (
-        _set("defaults/train/steps", 0),
+        set_at("defaults/train/steps", 0),
         "defaults.train: train.steps=0 is not allowed: expected a positive integer",
     ),
     "bad model override": (
-        _set("models/tiny/train", {"lr": "1e-3"}),
+        set_at("models/tiny/train", {"lr": "1e-3"}),
         "models.tiny.train.lr='1e-3': expected float",
     ),
     "bad data source": (
-        _set("tasks/asr/eval/test/source", "s3"),
+        set_at("tasks/asr/eval/test/source", "s3"),
         "tasks.asr.eval.test: data.source='s3' is not allowed: expected one of librispeech, loquacious, covost2, "
         "manifest",
     ),
     "bad decoder dtype": (
-        _set("models/tiny/decoder/dtype", "int8"),
+        set_at("models/tiny/decoder/dtype", "int8"),
         "models.tiny.decoder: decoder.dtype='int8' is not allowed: expected one of float32, bfloat16, float16",
     ),
     "unknown model in a study": (
-        _set("studies/0/models", ["tiny", "gpt"]),
+        set_at("studies/0/models", ["tiny", "gpt"]),
         "studies[0].models[1]='gpt' is not allowed: expected one of tiny, shallow",
     ),
     "unknown task in a study": (
-        _set("studies/0/task", "tts"),
+        set_at("studies/0/task", "tts"),
         "studies[0].task='tts' is not allowed: expected one of asr, ast",
     ),
     "unknown task in a path": (
-        _set("studies/0/paths/0", {"source": "speech", "task": "asr2"}),
+        set_at("studies/0/paths/0", {"source": "speech", "task": "asr2"}),
         "studies[0].paths[0].task='asr2' is not allowed: expected one of asr, ast",
     ),
     "unknown model in a path": (
-        _set("studies/0/paths/0", {"source": "text", "model": "gpt"}),
+        set_at("studies/0/paths/0", {"source": "text", "model": "gpt"}),
         "studies[0].paths[0].model='gpt' is not allowed: expected one of tiny, shallow",
     ),
     "unknown path source": (
-        _set("studies/0/paths/0", {"source": "video"}),
+        set_at("studies/0/paths/0", {"source": "video"}),
         "studies[0].paths[0].source='video' is not allowed: expected one of speech, text",
     ),
     "unknown path key": (
-        _set("studies/0/paths/0", {"source": "speech", "layer": 3}),
+        set_at("studies/0/paths/0", {"source": "speech", "layer": 3}),
         "studies[0].paths[0].layer: unknown key; allowed keys: source, task, model",
     ),
     "path from a model of another depth": (
-        _set("studies/0/paths/0", {"source": "speech", "model": "shallow"}),
+        set_at("studies/0/paths/0", {"source": "speech", "model": "shallow"}),
         "studies[0].paths[0].model='shallow' is not allowed: expected a model with as many layers as tiny (8); "
         "it has 6",
     ),
     "depth m": (
-        _set("studies/0/depths", [2, 8]),
+        set_at("studies/0/depths", [2, 8]),
         "studies[0].depths[1]=8 is not allowed: expected an integer in 2..7 (tiny has 8 layers)",
     ),
     "depth 1": (
-        _set("studies/0/depths", [1]),
+        set_at("studies/0/depths", [1]),
         "studies[0].depths[0]=1 is not allowed: expected an integer in 2..7 (tiny has 8 layers)",
     ),
     "depth beyond the shallowest model": (
@@ -254,20 +242,20 @@ BAD = {
         "studies[0].depths[1]=6 is not allowed: expected an integer in 2..5 (shallow has 6 layers)",
     ),
     "depths neither all nor a list": (
-        _set("studies/0/depths", "some"),
+        set_at("studies/0/depths", "some"),
         "studies[0].depths='some' is not allowed: expected 'all' or a list of block sizes n",
     ),
     "duplicate depth": (
-        _set("studies/0/depths", [2, 3, 2]),
+        set_at("studies/0/depths", [2, 3, 2]),
         "studies[0].depths[2]=2 is not allowed: expected a value not already given at studies[0].depths[0]",
     ),
     "healing without depths": (
-        _set("studies/0/depths", []),
+        set_at("studies/0/depths", []),
         "studies[0].healing=['none'] is not allowed: expected no healing in a study without depths "
         "(it only measures paths)",
     ),
     "no healing": (
-        _set("studies/0/healing", []),
+        set_at("studies/0/healing", []),
         "studies[0].healing=[] is not allowed: expected a non-empty list",
     ),
     "missing layers": (
@@ -275,31 +263,31 @@ BAD = {
         "models.tiny.layers: missing required key",
     ),
     "too few layers": (
-        _set("models/tiny/layers", 2),
+        set_at("models/tiny/layers", 2),
         "models.tiny.layers=2 is not allowed: expected an integer >= 3 (the decoder's number of layers)",
     ),
     "strategy set in defaults": (
-        _set("defaults/heal", {"strategy": "decoder"}),
+        set_at("defaults/heal", {"strategy": "decoder"}),
         "defaults.heal.strategy: set by each study's `healing` axis, not here",
     ),
     "task set in a train block": (
-        _set("models/tiny/train", {"task": "ast"}),
+        set_at("models/tiny/train", {"task": "ast"}),
         "models.tiny.train.task: set by each task (`tasks.<name>.task`), not here",
     ),
     "seed set in a train block": (
-        _set("defaults/heal_train/seed", 3),
+        set_at("defaults/heal_train/seed", 3),
         "defaults.heal_train.seed: set by `defaults.seed`, not here",
     ),
     "task kind": (
-        _set("tasks/ast/task", "st"),
+        set_at("tasks/ast/task", "st"),
         "tasks.ast.task='st' is not allowed: expected one of asr, ast",
     ),
     "no eval sets": (
-        _set("tasks/asr/eval", {}),
+        set_at("tasks/asr/eval", {}),
         "tasks.asr.eval={} is not allowed: expected at least one named data set",
     ),
     "name with a space": (
-        _set("studies/0/name", "my study"),
+        set_at("studies/0/name", "my study"),
         "studies[0].name='my study' is not allowed: expected a name of letters, digits, '.', '_' and '-'",
     ),
     "duplicate study name": (
@@ -307,7 +295,7 @@ BAD = {
         "studies[1].name='asr' is not allowed: expected a value not already given at studies[0]",
     ),
     "studies not a list": (
-        _set("studies", {"name": "asr"}),
+        set_at("studies", {"name": "asr"}),
         "studies={'name': 'asr'} is not allowed: expected a non-empty list of studies",
     ),
 }
