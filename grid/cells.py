@@ -2,7 +2,8 @@
 
 Kinds, in execution order:
 
-- `train`: baseline projector training of one (model, task).
+- `train`: baseline projector training of one (model, task); with `train_workers: W > 1` in its config,
+  DDP in W processes (the global batch is `train.batch_size * W`).
 - `path`: the distance matrix and optimal pruning path of one (model, task, source): `speech` measures
   the trained SpeechLLM (depends on its `train` cell) on the task's dev sets; `text` runs the
   pretrained decoder alone (without any LoRA of the SpeechLLM) on the transcripts of those sets.
@@ -16,7 +17,8 @@ the cells it depends on; its `id` hashes kind and config. Display names (of mode
 are tags, not config, except a summary's study name: the same training in two studies, or in two
 experiment files, is one cell with one id, and renaming a model does not retrain it. A config holds
 only what its stage reads (a `none`-healing cell has no healing training config, a
-projector-only one no LoRA settings), so a change reruns exactly the cells it affects.
+projector-only one no LoRA settings, a single-process training no `train_workers`), so a change reruns
+exactly the cells it affects.
 """
 
 from __future__ import annotations
@@ -139,6 +141,9 @@ class _Grid:
             "data": to_dict(task.train),
             "train": to_dict(replace(model.train, task=task.task)),
         }
+        if self.exp.train_workers > 1:
+            # The global batch is `train.batch_size` times the processes: a different training, another cell.
+            config["train_workers"] = self.exp.train_workers
         return self.add("train", config, (), {"model": model.name, "task": task.name}, study)
 
     def path(self, model: ModelSpec, task: TaskSpec, source: str, study: Study) -> str:

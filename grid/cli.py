@@ -1,4 +1,4 @@
-"""The `slamgrid` command line: `run` and `status` of an experiment grid, `path` of one model.
+"""The `slamgrid` command line: `run`, `status` and `summarize` of an experiment grid, `path` of one model.
 
 User mistakes (a missing file, a model that cannot be used, a bad value) end with a one-line
 `slamgrid: error: ...` on stderr and exit code 2, without a traceback; anything else is a bug and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,6 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `slamgrid`; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
+    # One progress bar per artifact read (summaries read many) would bury the tables.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from slam.errors import BadInputError
 
     try:
@@ -98,6 +101,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"started {report.started} cell(s); backbone loads: {sum(report.loads.values())}")
     _print_status(report.status)
+    from grid.summarize import summarize
+
+    print()
+    print(summarize(args.experiment, tracking_uri=args.tracking_uri).text())
+    _print_ui_hint(args.tracking_uri, report.status.experiment)
     return 0 if report.status.all_finished else 1
 
 
@@ -109,6 +117,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summarize(args: argparse.Namespace) -> int:
+    """`slamgrid summarize`: Table 1, Table 2, Figures 1 and 2 from the MLflow store, logged to the parent run."""
+    from grid.summarize import REPORT_DIR, summarize
+
+    summary = summarize(args.experiment, tracking_uri=args.tracking_uri, log=not args.no_log)
+    print(summary.text())
+    if not args.no_log:
+        logged = ", ".join(f"{name}.png" for name in summary.figures) or "no figure yet"
+        print(f"\nlogged to the parent run of experiment {summary.experiment!r} under {REPORT_DIR}/ ({logged})")
+    _print_ui_hint(args.tracking_uri, summary.experiment)
+    return 0
+
+
+def _print_ui_hint(tracking_uri: str | None, experiment: str) -> None:
+    """How to look at the results in the MLflow UI."""
+    from grid.tracking import tracking_uri as resolve
+
+    uri = resolve(tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"MLflow UI: open {uri} (experiment {experiment!r})")
+    else:
+        print(
+            f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000, then open http://127.0.0.1:5000 "
+            f"(experiment {experiment!r}; tables and figures on its run `grid`, under Artifacts)"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slamgrid", description="Decoder-layer redundancy of SpeechLLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,7 +153,11 @@ def _parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
     )
     run.add_argument("--workdir", default="out", help="root of the cells' working directories (checkpoints)")
-    run.add_argument("--workers", type=_positive_int, help="workers to start (default: one per GPU, else per CPU)")
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="slots to use, each a cell worker or a DDP training process (default: one per GPU, else per CPU)",
+    )
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="cells of an experiment file per state, from the MLflow store")
@@ -127,6 +166,16 @@ def _parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
     )
     status.set_defaults(func=cmd_status)
+    summary = sub.add_parser(
+        "summarize",
+        help="Table 1/2 and Figure 1/2 of an experiment file from the MLflow store, logged to its parent run",
+    )
+    summary.add_argument("experiment", help="experiment file (YAML)")
+    summary.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    summary.add_argument("--no-log", action="store_true", help="print only; log nothing to the parent run")
+    summary.set_defaults(func=cmd_summarize)
     path = sub.add_parser("path", help="distance matrix and optimal pruning path of an LLM from text")
     path.add_argument(
         "--model", required=True, help="causal LM (hub id or directory) with --text; a saved SpeechLLM with --speech"
@@ -203,7 +252,8 @@ def _speech_pairs(sets, task: str):
 def _read_lines(path: Path) -> list[str]:
     from slam.errors import BadInputError
 
-    if not path.is_file():
+    # Not `is_file()`: a pipe (`--text <(...)`) is a fine source too.
+    if not path.exists() or path.is_dir():
         raise BadInputError(f"{path}: no such text file")
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]

@@ -13,6 +13,7 @@ defaults:                   # base config of every cell; keys are the slam confi
   decode: {...}             # DecodeConfig
   distance: {...}           # DistanceConfig
   seed: 0                   # fills train.seed and heal_train.seed
+  train_workers: 1          # DDP processes of each baseline training (1: one process, in a grid worker)
 models:                     # named backbones
   NAME: {encoder: {...}, decoder: {...}, layers: M, train: {...}, heal_train: {...}}
 tasks:                      # named tasks
@@ -30,6 +31,10 @@ Conventions:
   `heal_train` merges `defaults.heal_train` and the model's `heal_train` over that model's training
   config. `train.task` is set by each task and `train.seed` by `defaults.seed`; neither may be written
   in a `train` block, nor `heal.strategy` (set by the healing axis).
+- `train_workers` (W, default 1) trains every baseline projector with DDP in W processes (Ray Train),
+  each on `train.batch_size` samples per step: the global batch is `batch_size * W` (the paper: 8 per
+  GPU on 2 GPUs). It is part of each `train` cell's config, so changing it retrains. Healing runs in one
+  process.
 - `layers` (m) is required so that depths expand without loading a model; the run checks it against
   the model's config.
 - A study with `depths: []` only measures pruning paths (Figure 1's heatmaps): no baseline evaluation,
@@ -81,7 +86,7 @@ ALL_DEPTHS = "all"
 
 _TOP_KEYS = ("name", "defaults", "models", "tasks", "studies")
 _BASED_KEYS = ("name", "base", "studies")
-_DEFAULT_KEYS = ("projector", "train", "heal", "heal_train", "decode", "distance", "seed")
+_DEFAULT_KEYS = ("projector", "train", "heal", "heal_train", "decode", "distance", "seed", "train_workers")
 _MODEL_KEYS = ("encoder", "decoder", "layers", "train", "heal_train")
 _TASK_KEYS = ("task", "prompt", "train", "dev", "eval")
 _STUDY_KEYS = ("name", "task", "models", "paths", "depths", "healing")
@@ -188,6 +193,8 @@ class Experiment:
     """Measuring the layer distances of every path."""
     seed: int
     """Seed of every training run (`train.seed`, `heal_train.seed`)."""
+    train_workers: int
+    """DDP processes of each baseline projector training; the global batch is `train.batch_size` times this."""
     models: dict[str, ModelSpec]
     """Backbones by name."""
     tasks: dict[str, TaskSpec]
@@ -234,6 +241,7 @@ def load_experiment(path: str | Path) -> Experiment:
         decode=defaults.decode,
         distance=defaults.distance,
         seed=defaults.seed,
+        train_workers=defaults.train_workers,
         models=models,
         tasks=tasks,
         studies=studies,
@@ -249,6 +257,7 @@ class _Defaults:
     decode: DecodeConfig
     distance: DistanceConfig
     seed: int
+    train_workers: int
     train: dict
     heal_train: dict
 
@@ -312,6 +321,9 @@ class _Parser:
         seed = raw.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
             self.fail("defaults.seed", seed, "an integer")
+        train_workers = raw.get("train_workers", 1)
+        if not isinstance(train_workers, int) or isinstance(train_workers, bool) or train_workers < 1:
+            self.fail("defaults.train_workers", train_workers, "an integer >= 1 (DDP processes per training)")
         # Checked on their own first, so that a bad default is reported where it is written.
         self.config(TrainConfig, train, "defaults.train")
         self.config(TrainConfig, {**train, **heal_train}, "defaults.heal_train")
@@ -321,6 +333,7 @@ class _Parser:
             decode=self.config(DecodeConfig, raw.get("decode", {}), "defaults.decode"),
             distance=self.config(DistanceConfig, raw.get("distance", {}), "defaults.distance"),
             seed=seed,
+            train_workers=train_workers,
             train=train,
             heal_train=heal_train,
         )

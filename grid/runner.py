@@ -7,19 +7,31 @@ worker that already holds its decoder when there is one (`route`). A failing cel
 reason in its run and the grid goes on; the cells that depend on it are not started (BLOCKED, with the reason).
 Re-running the same command resumes: see the numbered precedence in `run_experiment`.
 
-Store access happens where the work is: each worker opens its own `GridStore` on the tracking URI and writes
-its cells' runs itself (training streams its losses there while it runs). The driver reads the states before
-and after, creates the parent run before any worker starts (so that workers find one instead of racing to
-create it), marks the run of a cell whose worker died, and logs the backbone loads on the parent run. With the
-default sqlite store concurrent writers wait on SQLite's lock (MLflow sets a 20 s busy timeout), which is
-enough for a few local workers; a cluster points `MLFLOW_TRACKING_URI` at an `mlflow server` on the head node.
+DDP training: a `train` cell with `train_workers: W > 1` (the paper's 2 GPUs) runs through Ray Train, a
+`TorchTrainer` of W workers (NCCL on GPUs, gloo on CPUs) that each build the SpeechLLM and call
+`grid.stages.train_speech_llm`; rank 0 reports to the cell's run, which a task (holding no resources) opens,
+closes and launches the trainer from, so its outcome comes back like a worker's. The scheduler (`_Pool`) counts
+slots, each one GPU (or one CPU share): a worker holds one, a DDP cell W for as long as it trains. Workers start
+lazily when a cell needs one; a DDP cell takes W free slots, empty ones first, then those of idle workers,
+fewest backbones first, which it stops (workers start again when cells need them). A DDP cell that finds fewer
+than W slots free waits for running cells to finish, and cells after it wait too (so it is not starved); one
+needing more slots than the grid has fails at once with the reason on its run. A trainer that fails or dies is
+recorded FAILED like a worker's cell; the placement group of one that died, which Ray would keep (and its slots
+reserved) until the job ends, is removed (rank 0 tags the cell's run with it, `PLACEMENT_GROUP_TAG`).
+
+Store access happens where the work is: each worker (and each trainer's rank 0) opens its own store on the
+tracking URI and writes its cells' runs itself (training streams its losses there while it runs). The driver
+reads the states before and after, creates the parent run before any worker starts (so that workers find one
+instead of racing to create it), marks the run of a cell whose worker or trainer died, and logs the backbone
+loads on the parent run. With the default sqlite store concurrent writers wait on SQLite's lock (MLflow sets a
+20 s busy timeout), which is enough for a few local workers; a cluster points `MLFLOW_TRACKING_URI` at an
+`mlflow server` on the head node.
 
 Relative paths in the experiment (models, manifests) resolve against each worker's working directory: the
-driver's for a local Ray, the job's `working_dir` under `ray job submit`. Each cell works in
-`workdir/<experiment name>/<cell id>/`, where its training checkpoints survive an interruption.
-
-Not here yet: `train` cells run single-process in their worker; the paper's DDP projector training (2 GPUs,
-batch 8 per GPU) through Ray Train is the next step.
+driver's for a local Ray, the job's `working_dir` under `ray job submit` (Ray Train's workers are kept there
+too). Each cell works in `workdir/<experiment name>/<cell id>/`, where its training checkpoints survive an
+interruption. Only a DDP cell's rank 0 reads and writes its checkpoints, but a rerun's rank 0 may run on another
+node: on several nodes, `workdir` belongs on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -35,12 +47,16 @@ from pathlib import Path
 
 import ray
 from mlflow.tracking import MlflowClient
+from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError, get_context
+from ray.train.torch import TorchTrainer, get_device
+from ray.util import get_current_placement_group
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from transformers.utils import logging as hf_logging
 
 from grid.cells import Cell, expand
 from grid.experiment import load_experiment
-from grid.stages import Backbones, run_cell
-from grid.tracking import ERROR_TAG, PENDING, CellState, GridStore
+from grid.stages import Backbones, run_cell, train_speech_llm
+from grid.tracking import ERROR_TAG, PENDING, CellRun, CellState, GridStore, store_has_experiment
 from grid.tracking import tracking_uri as resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -50,8 +66,12 @@ BLOCKED = "BLOCKED"
 """State of a cell that cannot run because a dependency failed (or is itself blocked)."""
 STATES = (FINISHED, "FAILED", "KILLED", "RUNNING", BLOCKED, PENDING)
 """Cell states in display order: MLflow's run statuses, BLOCKED (derived), and PENDING (no run yet)."""
+PLACEMENT_GROUP_TAG = "ray_train.placement_group"
+"""Tag of a DDP train cell's run: the placement group holding its trainer's slots (hex id), set by rank 0."""
 _NOT_DONE = ("FAILED", "KILLED", BLOCKED)
 _SQLITE = "sqlite:///"
+# Ray Train moves its workers into its storage directory unless told not to; relative paths resolve where they are.
+_KEEP_WORKING_DIR = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
 
 
 @dataclass(frozen=True)
@@ -141,9 +161,9 @@ class CellOutcome:
     worker: str
     """The worker that ran it, `host:pid` (also the run's `worker` tag)."""
     loads: dict[str, int]
-    """The worker's backbone loads so far."""
+    """The worker's backbone loads so far (a DDP cell's: those of all its processes)."""
     held: frozenset[str]
-    """Decoder names the worker holds now."""
+    """Decoder names the worker holds now (none for a DDP cell)."""
 
 
 @ray.remote
@@ -204,8 +224,8 @@ def run_experiment(
         path: The experiment file.
         tracking_uri: MLflow tracking URI; None: `$MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db`.
         workdir: Root of the cells' working directories (checkpoints).
-        num_workers: Workers to start; None: one per GPU, or one per CPU without GPUs (never more than the
-            cells to run).
+        num_workers: Slots: workers and DDP training processes running at once; None: one per GPU, or one per
+            CPU without GPUs (never more than the cells to run need).
         use_gpu: One GPU per worker; None: when the Ray cluster has GPUs.
         ray_address: Ray cluster to connect to; None: `$RAY_ADDRESS`, else a local Ray (an already initialised
             Ray is used as it is).
@@ -236,9 +256,9 @@ def run_experiment(
         if owns_ray:
             ray.init(address=ray_address, ignore_reinit_error=True)
         try:
-            pool = _Pool(uri, exp.name, Path(workdir).resolve() / exp.name, len(todo), num_workers, use_gpu)
+            pool = _Pool(store, Path(workdir).resolve() / exp.name, todo, num_workers, use_gpu)
             try:
-                started = pool.run(todo, done, store)
+                started = pool.run(todo, done)
             finally:
                 pool.close()
             worker_loads = pool.loads
@@ -267,9 +287,7 @@ def experiment_status(path: str | Path, tracking_uri: str | None = None) -> Grid
     exp = load_experiment(path)
     cells = expand(exp)
     uri = _absolute(resolve_tracking_uri(tracking_uri))
-    database = _sqlite_file(uri)
-    # Opening a missing sqlite file, or a GridStore on an unknown experiment, would create them.
-    if (database is not None and not database.is_file()) or MlflowClient(uri).get_experiment_by_name(exp.name) is None:
+    if not store_has_experiment(uri, exp.name):
         return grid_status(cells, {}, exp.name)
     return grid_status(cells, GridStore(uri, exp.name).states(c.id for c in cells), exp.name)
 
@@ -312,15 +330,19 @@ def backbone_of(cell: Cell) -> str | None:
 
 
 def route(ready: Sequence[Cell], idle: Sequence[int], held: Mapping[int, frozenset[str]]) -> list[tuple[Cell, int]]:
-    """Assign ready cells to idle workers, each cell to a worker already holding its decoder when one is idle.
+    """Assign ready cells to idle slots, each cell to a worker already holding its decoder when one is idle.
+
+    A cell whose decoder no idle worker holds goes to the slot holding fewest backbones (an empty slot, whose
+    worker is started for it, holds none), so that loading it there keeps the others' backbones where they are
+    useful; a cell that loads no backbone (a summary) goes to a running worker when one is idle.
 
     Args:
         ready: Cells whose dependencies have finished, most urgent first.
-        idle: Indices of the idle workers.
-        held: Decoder names each worker holds.
+        idle: Idle slots, running workers first among equals.
+        held: Decoder names of each slot's worker; a slot missing here has no worker yet.
 
     Returns:
-        (cell, worker) pairs, each worker at most once; cells left over wait for the next idle worker.
+        (cell, slot) pairs, each slot at most once; cells left over wait for the next idle slot.
     """
     free = list(idle)
     assigned: list[tuple[Cell, int]] = []
@@ -336,22 +358,52 @@ def route(ready: Sequence[Cell], idle: Sequence[int], held: Mapping[int, frozens
     for cell in rest:
         if not free:
             break
-        # A worker holding fewer backbones first: loading into it keeps the others' backbones where they are useful.
-        worker = min(free, key=lambda w: len(held.get(w, frozenset())))
+        if backbone_of(cell) is None:
+            worker = min(free, key=lambda w: (w not in held, len(held.get(w, frozenset()))))
+        else:
+            worker = min(free, key=lambda w: len(held.get(w, frozenset())))
         assigned.append((cell, worker))
         free.remove(worker)
     return assigned
 
 
+def train_workers(cell: Cell) -> int:
+    """The processes a cell trains in: its `train_workers` (a DDP train cell), else 1."""
+    return cell.config.get("train_workers", 1)
+
+
+def claim_slots(free: Sequence[int], held: Mapping[int, frozenset[str]], count: int) -> list[int]:
+    """The free slots a DDP cell takes: empty ones first, then those of idle workers holding fewest backbones.
+
+    Args:
+        free: Slots running nothing.
+        held: Decoder names of each slot's worker; a slot missing here has no worker.
+        count: Slots wanted, at most `len(free)`.
+
+    Returns:
+        `count` slots; the workers in them are to be stopped.
+    """
+    return sorted(free, key=lambda slot: (slot in held, len(held.get(slot, frozenset())), slot))[:count]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A cell in flight and the slots it holds."""
+
+    cell: Cell
+    slots: tuple[int, ...]
+    began: float
+    ddp: bool
+
+
 class _Pool:
-    """The workers of one `run_experiment` call and the scheduling loop that feeds them."""
+    """The slots of one `run_experiment` call, the workers started in them, and the scheduling loop."""
 
     def __init__(
         self,
-        uri: str,
-        experiment: str,
+        store: GridStore,
         workdir: Path,
-        cells: int,
+        cells: Sequence[Cell],
         num_workers: int | None,
         use_gpu: bool | None,
     ) -> None:
@@ -360,36 +412,46 @@ class _Pool:
         use_gpu = gpus > 0 if use_gpu is None else use_gpu
         if use_gpu and gpus == 0:
             raise ValueError("use_gpu: the Ray cluster has no GPU")
-        capacity = gpus if use_gpu else max(1, int(sum(node.get("CPU", 0) for node in nodes)))
-        if num_workers is not None and not 1 <= num_workers <= capacity:
-            unit = "GPU" if use_gpu else "CPU"
-            raise ValueError(f"workers={num_workers} is not allowed: the Ray cluster has {capacity} {unit}s")
-        count = min(num_workers or capacity, cells)
-        # Each worker gets a share of CPUs (Ray sets its OMP_NUM_THREADS to it) small enough that the workers
-        # fit on the nodes as they are: a GPU worker its GPU node's CPUs per GPU, a CPU worker its share of the
-        # smallest node's (an actor asking for more than any node has would wait forever).
+        self.unit = "GPU" if use_gpu else "CPU"
+        self.capacity = gpus if use_gpu else max(1, int(sum(node.get("CPU", 0) for node in nodes)))
+        if num_workers is not None and not 1 <= num_workers <= self.capacity:
+            raise ValueError(f"workers={num_workers} is not allowed: the Ray cluster has {self.capacity} {self.unit}s")
+        self.num_workers = num_workers
+        widest = max((train_workers(cell) for cell in cells), default=1)
+        self.size = min(num_workers or self.capacity, max(len(cells), widest))
+        # Each slot gets a share of CPUs (Ray sets its OMP_NUM_THREADS to it) small enough that the slots fit on
+        # the nodes as they are: a GPU slot its GPU node's CPUs per GPU, a CPU slot its share of the smallest
+        # node's (an actor asking for more than any node has would wait forever).
         if use_gpu:
             share = min(int(node.get("CPU", 0)) // int(node["GPU"]) for node in nodes if node.get("GPU", 0) >= 1)
             self.options = {"num_gpus": 1, "num_cpus": share}
+            self.trainer_resources = {"GPU": 1, "CPU": share}
         else:
-            share = min(int(node.get("CPU", 0)) for node in nodes) // count
-            self.options = {"num_cpus": max(1, share)}
-        self.args = (uri, experiment, str(workdir))
-        self.workers = [self._start() for _ in range(count)]
-        self.names = [f"worker-{i}" for i in range(count)]
-        self.held: dict[int, frozenset[str]] = {i: frozenset() for i in range(count)}
+            share = max(1, min(int(node.get("CPU", 0)) for node in nodes) // self.size)
+            self.options = {"num_cpus": share}
+            self.trainer_resources = {"CPU": share}
+        self.use_gpu = use_gpu
+        self.store, self.workdir = store, workdir
+        self.workers: dict[int, ray.actor.ActorHandle] = {}
+        """The worker of each slot that has one."""
+        self.held: dict[int, frozenset[str]] = {}
+        """Decoder names each worker holds, by slot."""
+        self.names: dict[int, str] = {}
+        self.started_workers = 0
+        self.trainers: dict[ray.ObjectRef, Cell] = {}
+        """DDP cells in flight, by their trainer task."""
         self.loads: dict[str, dict[str, int]] = {}
-        log.info("%d %s worker(s)", count, "GPU" if use_gpu else "CPU")
+        log.info("%d %s slot(s)", self.size, self.unit)
 
-    def run(self, todo: list[Cell], done: dict[str, str], store: GridStore) -> int:
+    def run(self, todo: list[Cell], done: dict[str, str]) -> int:
         """Run `todo` in dependency order; `done` (cell id -> FINISHED run id) grows as cells finish.
 
         Returns:
             The number of cells started.
         """
-        pending = list(todo)  # expansion order: every dependency comes before its dependents
+        pending = list(todo)  # expansion order: every dependency comes before its dependents, train cells first
         not_done: set[str] = set()  # failed or blocked in this call
-        inflight: dict[ray.ObjectRef, tuple[Cell, int, float]] = {}
+        inflight: dict[ray.ObjectRef, _Job] = {}
         started = 0
         while pending or inflight:
             waiting = []
@@ -401,60 +463,214 @@ class _Pool:
                 not_done.add(cell.id)
                 log.info("%s %s blocked: dependency %s did not finish", cell.kind, cell.id, bad)
             pending = waiting
-            busy = {worker for _, worker, _ in inflight.values()}
-            idle = [w for w in range(len(self.workers)) if w not in busy]
+            busy = {slot for job in inflight.values() for slot in job.slots}
+            # Workers first: among equally good slots, a cell goes to a running worker rather than a new one.
+            free = sorted((slot for slot in range(self.size) if slot not in busy), key=lambda s: s not in self.workers)
             ready = [cell for cell in pending if all(dep in done for dep in cell.deps)]
-            for cell, worker in route(ready, idle, self.held):
-                ref = self.workers[worker].run.remote(cell, {dep: done[dep] for dep in cell.deps})
-                inflight[ref] = (cell, worker, time.monotonic())
+            singles, failed = [], False
+            for cell in ready:
+                workers = train_workers(cell)
+                if workers == 1:
+                    singles.append(cell)
+                    continue
+                if workers > self.size:
+                    reason = self._too_wide(workers)
+                    _record_failure(self.store, cell, reason)
+                    pending.remove(cell)
+                    not_done.add(cell.id)
+                    failed = True
+                    log.info("%s %s failed: %s", cell.kind, cell.id, reason)
+                    continue
+                if workers > len(free):
+                    break  # it waits for running cells to free slots, and the cells after it wait with it
+                slots = claim_slots(free, self.held, workers)
+                for slot in slots:
+                    self._stop(slot)
+                    free.remove(slot)
+                ref = _train_ddp_cell.options(runtime_env=_KEEP_WORKING_DIR).remote(
+                    cell, self.store.uri, self.store.experiment, str(self.workdir), self.use_gpu, self.trainer_resources
+                )
+                self.trainers[ref] = cell
+                inflight[ref] = _Job(cell, tuple(slots), time.monotonic(), ddp=True)
                 pending.remove(cell)
                 started += 1
-                log.info("%s %s started on %s", cell.kind, cell.id, self.names[worker])
+                log.info("%s %s started: DDP in %d processes on slots %s", cell.kind, cell.id, workers, slots)
+            for cell, slot in route(singles, free, self.held):
+                worker = self.workers[slot] if slot in self.workers else self._start(slot)
+                ref = worker.run.remote(cell, {dep: done[dep] for dep in cell.deps})
+                inflight[ref] = _Job(cell, (slot,), time.monotonic(), ddp=False)
+                pending.remove(cell)
+                started += 1
+                log.info("%s %s started on %s", cell.kind, cell.id, self.names[slot])
+            if failed:
+                continue  # block the failed cells' dependents before waiting
             if not inflight:
                 if pending:
                     raise RuntimeError(f"cells {[c.id for c in pending]} wait on dependencies outside the grid")
                 break
             [ref], _ = ray.wait(list(inflight), num_returns=1)
-            cell, worker, began = inflight.pop(ref)
-            error = self._collect(ref, cell, worker, store, done)
-            seconds = time.monotonic() - began
+            job = inflight.pop(ref)
+            error = self._collect(ref, job, done)
+            seconds = time.monotonic() - job.began
             if error is None:
-                log.info("%s %s finished (%.1f s)", cell.kind, cell.id, seconds)
+                log.info("%s %s finished (%.1f s)", job.cell.kind, job.cell.id, seconds)
             else:
-                not_done.add(cell.id)
-                log.info("%s %s failed (%.1f s): %s", cell.kind, cell.id, seconds, error)
+                not_done.add(job.cell.id)
+                log.info("%s %s failed (%.1f s): %s", job.cell.kind, job.cell.id, seconds, error)
         return started
 
     def close(self) -> None:
-        """Stop the workers, freeing their GPUs and memory."""
-        for worker in self.workers:
-            ray.kill(worker)
+        """Stop the workers and any trainer still running, freeing their GPUs and memory."""
+        for ref, cell in self.trainers.items():
+            ray.cancel(ref, force=True)
+            self._release(cell)
+        for slot in list(self.workers):
+            self._stop(slot)
 
-    def _collect(
-        self, ref: ray.ObjectRef, cell: Cell, worker: int, store: GridStore, done: dict[str, str]
-    ) -> str | None:
-        """A finished task's outcome: `done` updated on success; the error otherwise."""
+    def _collect(self, ref: ray.ObjectRef, job: _Job, done: dict[str, str]) -> str | None:
+        """A finished job's outcome: `done` updated on success; the error otherwise."""
+        cell = job.cell
+        self.trainers.pop(ref, None)
         try:
             outcome: CellOutcome = ray.get(ref)
-        except ray.exceptions.RayActorError as err:
-            # The process died (out of memory, a crash): its cell's run would stay RUNNING forever.
-            reason = f"worker died: {_one_line(err)}"
-            _mark_failed(store, cell, reason)
-            self.workers[worker] = self._start()
-            self.names[worker] += "'"
-            self.held[worker] = frozenset()
+        except ray.exceptions.RayError as err:
+            # Raised outside the cell's run (e.g. starting it), or the process died (out of memory, a crash,
+            # killed); either way the cell's run may be left RUNNING.
+            died = not isinstance(err, ray.exceptions.RayTaskError)
+            kind = "trainer" if job.ddp else "worker"
+            reason = f"{kind} died: {_one_line(err)}" if died else _one_line(err.cause or err)
+            _mark_failed(self.store, cell, reason)
+            if job.ddp:
+                self._release(cell)
+            elif died:
+                self._stop(job.slots[0])  # started again when a cell needs it
             return reason
-        except ray.exceptions.RayTaskError as err:
-            # Raised outside the cell's run (e.g. starting it): nothing was recorded on a run.
-            return _one_line(err.cause or err)
         self.loads[outcome.worker] = outcome.loads
-        self.held[worker] = outcome.held
+        if not job.ddp:
+            self.held[job.slots[0]] = outcome.held
         if outcome.error is None:
             done[cell.id] = outcome.run_id
         return outcome.error
 
-    def _start(self) -> ray.actor.ActorHandle:
-        return CellWorker.options(**self.options).remote(*self.args)
+    def _start(self, slot: int) -> ray.actor.ActorHandle:
+        self.workers[slot] = CellWorker.options(**self.options).remote(
+            self.store.uri, self.store.experiment, str(self.workdir)
+        )
+        self.held[slot] = frozenset()
+        self.started_workers += 1
+        self.names[slot] = f"worker-{self.started_workers}"
+        log.info("%s started in slot %d", self.names[slot], slot)
+        return self.workers[slot]
+
+    def _stop(self, slot: int) -> None:
+        """Stop the worker of a slot, if it has one (its GPU or CPUs are free once its process has exited)."""
+        worker = self.workers.pop(slot, None)
+        self.held.pop(slot, None)
+        if worker is not None:
+            ray.kill(worker)
+
+    def _release(self, cell: Cell) -> None:
+        """Remove the placement group of a DDP cell whose trainer did not end by itself.
+
+        Ray stops the trainer's processes with the task it ran from, but keeps their placement group, and the
+        slots it reserves, until the job ends: workers started in those slots would never be scheduled.
+        """
+        placement_group = self.store.states([cell.id])[cell.id].tags.get(PLACEMENT_GROUP_TAG)
+        if placement_group is not None:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(placement_group)))
+
+    def _too_wide(self, workers: int) -> str:
+        """Why a DDP cell of `workers` processes cannot run here."""
+        limit = (
+            f"workers={self.num_workers} limits the grid to {self.num_workers}"
+            if self.num_workers
+            else f"the Ray cluster has {self.capacity} {self.unit}s"
+        )
+        return f"train_workers={workers}: DDP training needs {workers} {self.unit} slots at once, but {limit}"
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _train_ddp_cell(
+    cell: Cell, uri: str, experiment: str, workdir: str, use_gpu: bool, resources: dict[str, float]
+) -> CellOutcome:
+    """Run a DDP train cell through Ray Train, in its run; a failure is recorded there and reported back.
+
+    A Ray task asking for no resources: the trainer's workers hold the cell's slots. It is not retried (a rerun of
+    the grid resumes the cell from its checkpoints instead), and killing it ends the trainer (Ray stops the
+    actors a task started with it).
+
+    Args:
+        cell: A train cell with `train_workers` > 1 in its config.
+        uri: Tracking URI.
+        experiment: MLflow experiment name.
+        workdir: `workdir/<experiment name>`; the cell works in its `<cell id>/` below, Ray Train's files too.
+        use_gpu: One GPU per training process (NCCL), else CPUs (gloo).
+        resources: What each training process holds: one slot's resources.
+
+    Returns:
+        The outcome, the task's `host:pid` as worker; loads are those of the W processes (each loads the
+        encoder and the decoder once), counted when the training finished.
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    workers = train_workers(cell)
+    cell_dir = Path(workdir) / cell.id
+    run_id, error, loads = None, None, {}
+    try:
+        with GridStore(uri, experiment).start_cell(cell) as run:
+            run_id = run.run_id
+            run.set_tags({"worker": name, "train_workers": str(workers)})
+            trainer = TorchTrainer(
+                _train_loop,
+                train_loop_config={"config": cell.config, "uri": uri, "run_id": run_id, "workdir": str(cell_dir)},
+                scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+                run_config=RunConfig(
+                    name="ray-train", storage_path=str(cell_dir), failure_config=FailureConfig(max_failures=0)
+                ),
+            )
+            try:
+                trainer.fit()
+            except WorkerGroupError as err:
+                rank = min(err.worker_failures)
+                failure = err.worker_failures[rank]
+                detail = str(failure) if isinstance(failure, _RankFailed) else _one_line(failure)
+                raise RuntimeError(f"DDP rank {rank} of {workers} failed: {detail}") from err
+        speech_llm = cell.config["speech_llm"]
+        loads = {f"{part}:{speech_llm[part]['name']}": workers for part in ("encoder", "decoder")}
+    except Exception as err:  # recorded on the run by `CellRun.__exit__`
+        error = _one_line(err)
+    return CellOutcome(cell.id, run_id, error, name, loads, frozenset())
+
+
+def _train_loop(config: dict) -> None:
+    """One process of a DDP train cell, in a Ray Train worker (the process group is set up): rank 0 reports."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    hf_logging.disable_progress_bar()
+    rank = get_context().get_world_rank()
+    run = CellRun(MlflowClient(config["uri"]), config["run_id"]) if rank == 0 else None
+    if run is not None:
+        run.set_tags({PLACEMENT_GROUP_TAG: get_current_placement_group().id.hex()})
+    # Ray Train shows every GPU of the node to each of its workers there: the worker's own is this one.
+    backbones = Backbones(get_device())
+    try:
+        train_speech_llm(config["config"], Path(config["workdir"]), backbones, run)
+    except Exception as err:
+        raise _RankFailed(_one_line(err)) from err
+
+
+class _RankFailed(RuntimeError):
+    """A training process's error as one line of text, which Ray Train carries back whatever the error's class.
+
+    Ray Train sends a worker's exception to the driver pickled, and an exception class whose `__init__` takes
+    other arguments than its message does not unpickle: the driver would only learn that a health check failed.
+    """
+
+
+def _record_failure(store: GridStore, cell: Cell, reason: str) -> None:
+    """Record a cell that cannot run as FAILED with its reason, in its run (continued, or created)."""
+    run = store.start_cell(cell)
+    run.set_tags({ERROR_TAG: reason})
+    run.client.set_terminated(run.run_id, "FAILED")
 
 
 def _mark_failed(store: GridStore, cell: Cell, reason: str) -> None:

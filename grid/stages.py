@@ -4,7 +4,9 @@
 stage functions and reports through the cell's MLflow run (`grid.tracking.CellRun`):
 
 - `train`: projector (and optional LoRA) training; artifact `model/` (`slam.model.save_speech_llm`), metrics
-  `train.loss`, `trainable_params`, `peak_memory_mb`.
+  `train.loss`, `trainable_params`, `peak_memory_mb`. A single-process cell trains here, in its worker; a cell
+  with `train_workers: W > 1` is DDP, which `grid.runner` starts through Ray Train: each of its W processes calls
+  `train_speech_llm`, and rank 0 reports.
 - `path`: the distance matrix and optimal pruning path; artifacts `distance.json` (the `slamgrid path` JSON
   contract, DESIGN section 4) and `heatmap.png` (D[l][l+n], as in the paper's Figure 1).
 - `eval`: baseline scores; metrics `{set}.wer` (percent) or `{set}.bleu`, artifacts `hypotheses/{set}.json`.
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
@@ -70,6 +73,7 @@ from slam.model import (
 )
 from slam.pruning import drop_layers
 from slam.redundancy import PathStep, pruning_path, speech_layer_distances, text_layer_distances
+from slam.track import NullTracker
 from slam.train import train
 
 MODEL_ARTIFACT = "model"
@@ -184,6 +188,49 @@ def run_cell(
     _STAGES[cell.kind](_Context(cell, run, deps, store, workdir, backbones))
 
 
+def train_speech_llm(config: Mapping[str, Any], workdir: Path, backbones: Backbones, run: CellRun | None) -> None:
+    """Train a `train` cell's SpeechLLM in this process and report it to the cell's run.
+
+    In a worker this is the whole training; in each process of a DDP group (`torch.distributed` initialised,
+    as Ray Train does) it is one rank of it, `slam.train.train` taking the rank's slice of every global batch.
+    The reporting process (the only one, or rank 0) streams `train.loss` and `train.lr` while training, then
+    logs the model artifact `model/` and the metrics `train.loss` (unless the last step already logged it),
+    `trainable_params`, `peak_memory_mb` and `train.resumed_from`.
+
+    Args:
+        config: The train cell's config.
+        workdir: The cell's directory; its `train/checkpoints` resume an interrupted attempt (under DDP rank 0
+            reads and writes them).
+        backbones: Where the encoder and decoder come from.
+        run: The cell's run in the reporting process; None in the other ranks, which report nothing.
+
+    Raises:
+        BadInputError: Bad data, a decoder whose depth is not the experiment's, an unfitting checkpoint.
+    """
+    cfg = from_dict(SpeechLLMConfig, config["speech_llm"], "speech_llm")
+    train_cfg = from_dict(TrainConfig, config["train"], "train")
+    device = backbones.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = backbones.speech_llm(cfg, seed=train_cfg.seed)
+    _check_layers(model.decoder, config["layers"], cfg.decoder.name)
+    dataset = load_dataset(from_dict(DataConfig, config["data"], "data"))
+    result = train(model, dataset, train_cfg, out_dir=workdir / "train", tracker=run or NullTracker())
+    if run is None:
+        return
+    saved = save_speech_llm(model, cfg, workdir / MODEL_ARTIFACT)
+    run.client.log_artifacts(run.run_id, str(saved), MODEL_ARTIFACT)
+    if result.steps % train_cfg.log_every != 0:
+        run.log_metrics({"train.loss": float(np.mean(result.losses[-train_cfg.log_every :]))}, step=result.steps)
+    run.log_metrics(
+        {
+            "trainable_params": _trainable(model),
+            "peak_memory_mb": _peak_memory_mb(device),
+            "train.resumed_from": result.resumed_from,
+        }
+    )
+
+
 def distance_heatmap(distance: np.ndarray, path: Iterable[PathStep] = ()) -> Figure:
     """The paper's Figure 1 for one model: D[l][l+n] with layer l on x and block size n on y.
 
@@ -194,29 +241,106 @@ def distance_heatmap(distance: np.ndarray, path: Iterable[PathStep] = ()) -> Fig
     Returns:
         The figure; cells with l + n > m are blank.
     """
+    figure = Figure(figsize=(5.5, 4.5))
+    draw_distance_heatmap(figure.subplots(), distance, path)
+    return figure
+
+
+def draw_distance_heatmap(axes: Axes, distance: np.ndarray, path: Iterable[PathStep | dict] = ()) -> None:
+    """Draw D[l][l+n] (layer l on x, block size n on y) with its colour bar on `axes`.
+
+    Args:
+        axes: Where to draw.
+        distance: (m+1, m+1) mean angular distances over h_0..h_m.
+        path: Optimal pruning path steps to mark (l*(n), n): `PathStep`s or their `to_dict()` form.
+    """
     m = distance.shape[0] - 1
     grid = np.full((m, m), np.nan)  # (n - 1, l): row n-1 holds D[l][l+n] for l = 0..m-n
     for n in range(1, m + 1):
         for layer in range(0, m - n + 1):
             grid[n - 1, layer] = distance[layer, layer + n]
-    figure = Figure(figsize=(5.5, 4.5))
-    axes = figure.subplots()
     image = axes.imshow(grid, origin="lower", cmap="viridis", vmin=0.0, extent=(-0.5, m - 0.5, 0.5, m + 0.5))
-    figure.colorbar(image, ax=axes, label="angular distance $d(h_l, h_{l+n})$")
+    axes.figure.colorbar(image, ax=axes, label="angular distance $d(h_l, h_{l+n})$")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
-    steps = list(path)
+    steps = [step.to_dict() if isinstance(step, PathStep) else step for step in path]
     if steps:
-        axes.scatter([s.start for s in steps], [s.n for s in steps], marker="x", color="red", label="l*(n)")
+        axes.scatter([s["start"] for s in steps], [s["n"] for s in steps], marker="x", color="red", label="l*(n)")
         axes.legend(loc="upper right")
     axes.set_xlabel("layer l")
     axes.set_ylabel("block size n")
-    return figure
 
 
 def metric_key(*parts: str) -> str:
     """An MLflow metric key from names: joined by dots, characters MLflow refuses replaced by `_`."""
     return ".".join(_METRIC_KEY_UNSAFE.sub("_", part) for part in parts)
+
+
+def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict[str, Any]:
+    """A study's results, read back from its dependencies' runs: baselines, pruned scores, removable fractions.
+
+    `config` is a summary cell's config (`study`, `task`, `path_cells`, `eval_cells`, `prune_cells`); `deps` maps
+    each listed cell to its FINISHED run. Every prune cell's baseline (the eval cell of its train cell) must be
+    listed too.
+
+    Each result is one (model, path, healing): its baseline (the eval cell of the same trained SpeechLLM), one
+    row per pruned depth, and the removable fraction (`slam.metrics.removable_fraction`); the fraction is None
+    when a baseline score is 0, where the relative change is undefined.
+    """
+    metric = METRIC_OF_TASK[config["task"]]
+    baselines: dict[str, dict[str, float]] = {}
+    for cell in config["eval_cells"]:
+        run = store.client.get_run(deps[cell])
+        baselines[run.data.params["train_cell"]] = _scores(run.data.metrics, metric)
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for cell in config["prune_cells"]:
+        run = store.client.get_run(deps[cell])
+        tags, metrics = run.data.tags, run.data.metrics
+        label = _path_label(tags)
+        group = groups.setdefault(
+            (tags["model"], label, tags["healing"]),
+            {
+                "model": tags["model"],
+                "path": {"source": tags["path.source"], "task": tags["path.task"], "model": tags["path.model"]},
+                "path_label": label,
+                "healing": tags["healing"],
+                "baseline": baselines[run.data.params["train_cell"]],
+                "rows": [],
+            },
+        )
+        group["rows"].append(
+            {
+                "n": int(metrics["n"]),
+                "fraction": metrics["fraction"],
+                "removed": json.loads(tags["removed"]),
+                "scores": _scores(metrics, metric),
+                "cell_id": cell,
+            }
+        )
+    results = [_result(group, metric) for group in groups.values()]
+    paths = []
+    for cell in config["path_cells"]:
+        run = store.client.get_run(deps[cell])
+        report = store.load_json_artifact(run.info.run_id, DISTANCE_ARTIFACT)
+        paths.append(
+            {
+                "model": run.data.tags.get("model"),
+                "task": run.data.tags.get("task"),
+                "source": report["source"],
+                "n_layers": report["n_layers"],
+                "num_samples": report["num_samples"],
+                "path": report["path"],
+                "cell_id": cell,
+            }
+        )
+    return {
+        "study": config["study"],
+        "task": config["task"],
+        "metric": metric,
+        "threshold": _THRESHOLDS[metric],
+        "results": results,
+        "paths": paths,
+    }
 
 
 @dataclass
@@ -275,27 +399,13 @@ class _Context:
 
 
 def _run_train(ctx: _Context) -> None:
-    cfg = from_dict(SpeechLLMConfig, ctx.config["speech_llm"], "speech_llm")
-    train_cfg = from_dict(TrainConfig, ctx.config["train"], "train")
-    device = ctx.backbones.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model = ctx.backbones.speech_llm(cfg, seed=train_cfg.seed)
-    _check_layers(model.decoder, ctx.config["layers"], cfg.decoder.name)
-    dataset = load_dataset(from_dict(DataConfig, ctx.config["data"], "data"))
-    trainable = _trainable(model)
-    # Resumes from `train/checkpoints` when an earlier attempt of this cell was interrupted.
-    result = train(model, dataset, train_cfg, out_dir=ctx.workdir / "train", tracker=ctx.run)
-    saved = save_speech_llm(model, cfg, ctx.workdir / MODEL_ARTIFACT)
-    ctx.run.client.log_artifacts(ctx.run.run_id, str(saved), MODEL_ARTIFACT)
-    ctx.run.log_metrics({"train.loss": float(np.mean(result.losses[-train_cfg.log_every :]))}, step=result.steps)
-    ctx.run.log_metrics(
-        {
-            "trainable_params": trainable,
-            "peak_memory_mb": _peak_memory_mb(device),
-            "train.resumed_from": result.resumed_from,
-        }
-    )
+    workers = ctx.config.get("train_workers", 1)
+    if workers > 1:
+        raise ValueError(
+            f"train cell {ctx.cell.id} is DDP in {workers} processes: grid.runner runs it through Ray Train, "
+            "not in one worker"
+        )
+    train_speech_llm(ctx.config, ctx.workdir, ctx.backbones, ctx.run)
 
 
 def _run_path(ctx: _Context) -> None:
@@ -378,7 +488,7 @@ def _run_prune(ctx: _Context) -> None:
 
 
 def _run_summary(ctx: _Context) -> None:
-    table = _summary_table(ctx.store, ctx.config, ctx.deps)
+    table = study_table(ctx.store, ctx.config, ctx.deps)
     figures = {"degradation": _degradation_figure(table)} if table["results"] else {}
     ctx.store.log_summary(ctx.config["study"], table, figures)
     ctx.run.log_json(SUMMARY_ARTIFACT, table)
@@ -398,69 +508,6 @@ _STAGES: dict[str, Callable[[_Context], None]] = {
     "prune": _run_prune,
     "summary": _run_summary,
 }
-
-
-def _summary_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict[str, Any]:
-    """A study's results, read back from its dependencies' runs: baselines, pruned scores, removable fractions.
-
-    Each result is one (model, path, healing): its baseline (the eval cell of the same trained SpeechLLM), one
-    row per pruned depth, and the removable fraction (`slam.metrics.removable_fraction`); the fraction is None
-    when a baseline score is 0, where the relative change is undefined.
-    """
-    metric = METRIC_OF_TASK[config["task"]]
-    baselines: dict[str, dict[str, float]] = {}
-    for cell in config["eval_cells"]:
-        run = store.client.get_run(deps[cell])
-        baselines[run.data.params["train_cell"]] = _scores(run.data.metrics, metric)
-    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for cell in config["prune_cells"]:
-        run = store.client.get_run(deps[cell])
-        tags, metrics = run.data.tags, run.data.metrics
-        label = _path_label(tags)
-        group = groups.setdefault(
-            (tags["model"], label, tags["healing"]),
-            {
-                "model": tags["model"],
-                "path": {"source": tags["path.source"], "task": tags["path.task"], "model": tags["path.model"]},
-                "path_label": label,
-                "healing": tags["healing"],
-                "baseline": baselines[run.data.params["train_cell"]],
-                "rows": [],
-            },
-        )
-        group["rows"].append(
-            {
-                "n": int(metrics["n"]),
-                "fraction": metrics["fraction"],
-                "removed": json.loads(tags["removed"]),
-                "scores": _scores(metrics, metric),
-                "cell_id": cell,
-            }
-        )
-    results = [_result(group, metric) for group in groups.values()]
-    paths = []
-    for cell in config["path_cells"]:
-        run = store.client.get_run(deps[cell])
-        report = store.load_json_artifact(run.info.run_id, DISTANCE_ARTIFACT)
-        paths.append(
-            {
-                "model": run.data.tags.get("model"),
-                "task": run.data.tags.get("task"),
-                "source": report["source"],
-                "n_layers": report["n_layers"],
-                "num_samples": report["num_samples"],
-                "path": report["path"],
-                "cell_id": cell,
-            }
-        )
-    return {
-        "study": config["study"],
-        "task": config["task"],
-        "metric": metric,
-        "threshold": _THRESHOLDS[metric],
-        "results": results,
-        "paths": paths,
-    }
 
 
 def _result(group: dict[str, Any], metric: str) -> dict[str, Any]:

@@ -77,6 +77,20 @@ def tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def store_has_experiment(uri: str, name: str) -> bool:
+    """Whether the store at `uri` holds the MLflow experiment `name`, asked without creating either.
+
+    Opening a missing sqlite database would create it, and a `GridStore` creates its experiment, so readers
+    (`slamgrid status`, `slamgrid summarize`) ask this first.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        database = uri[len(prefix) :].split("?", 1)[0]
+        if database not in ("", ":memory:") and not Path(database).is_file():
+            return False
+    return MlflowClient(uri).get_experiment_by_name(name) is not None
+
+
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested config as MLflow params: dotted keys, strings as they are, lists (and `{}`) as JSON.
 

@@ -336,6 +336,10 @@ class _BadSample(BadInputError):
         self.where = where
         self.reason = reason
 
+    def __reduce__(self):
+        # Exceptions pickle as `cls(*self.args)`, which is one argument here: Ray sends errors between processes.
+        return (type(self), (self.where, self.reason))
+
 
 def _header_seconds(source: str | bytes, where: str) -> float:
     """Duration of an audio file or its bytes from the header alone, without decoding."""

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 from slam.config import DecodeConfig
-from slam.model import SpeechLLM, decoder_stack
+from slam.model import DecoderInputs, SpeechLLM, decoder_stack
 
 
 def greedy_decode(model: SpeechLLM, waveforms: Sequence[np.ndarray], cfg: DecodeConfig) -> list[str]:
@@ -53,35 +53,65 @@ def greedy_token_ids(model: SpeechLLM, waveforms: Sequence[np.ndarray], cfg: Dec
     try:
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
-            for i, ids in zip(batch, _greedy_batch(model, [waveforms[i] for i in batch], cfg.max_new_tokens)):
+            inputs = model.decoder_inputs([waveforms[i] for i in batch], targets=None, padding_side="left")
+            eos = model.tokenizer.eos_token_id
+            for i, ids in zip(batch, greedy_from_inputs(model.decoder, inputs, eos, cfg.max_new_tokens)):
                 results[i] = ids
     finally:
         model.train(was_training)
     return results
 
 
-def _greedy_batch(model: SpeechLLM, waveforms: Sequence[np.ndarray], max_new_tokens: int) -> list[list[int]]:
-    decoder = model.decoder
-    eos = model.tokenizer.eos_token_id
-    embed = decoder.get_input_embeddings()
-    inputs = model.decoder_inputs(waveforms, targets=None, padding_side="left")
+def prefill(decoder: PreTrainedModel, inputs: DecoderInputs) -> tuple[torch.Tensor, DynamicCache]:
+    """Run the decoder once over left-padded inputs, filling a fresh KV cache.
+
+    Args:
+        decoder: The causal LM (pruned or not).
+        inputs: Left-padded decoder inputs without targets (`SpeechLLM.decoder_inputs(..., padding_side="left")`).
+
+    Returns:
+        The next-token logits of each row (b, V) and the cache.
+    """
     cache = DynamicCache(config=decoder_stack(decoder).config)
-    cache_kw = _cache_keyword(decoder)
-    mask = inputs.attention_mask  # (b, L)
     logits = decoder(
         inputs_embeds=inputs.inputs_embeds,
-        attention_mask=mask,
+        attention_mask=inputs.attention_mask,
         position_ids=inputs.position_ids,
         use_cache=True,
         logits_to_keep=1,
-        **{cache_kw: cache},
+        **{_cache_keyword(decoder): cache},
     ).logits[:, -1]  # (b, V)
+    return logits, cache
+
+
+@torch.no_grad()
+def greedy_from_inputs(
+    decoder: PreTrainedModel, inputs: DecoderInputs, eos_id: int, max_new_tokens: int
+) -> list[list[int]]:
+    """Greedy token ids (without EOS) for one left-padded batch: prefill, then one token per step.
+
+    A row that produces EOS leaves the batch at once (its cache rows are dropped).
+
+    Args:
+        decoder: The causal LM.
+        inputs: Left-padded decoder inputs without targets.
+        eos_id: The token that ends a hypothesis.
+        max_new_tokens: Tokens after which a hypothesis stops without EOS.
+
+    Returns:
+        One list of token ids per row.
+    """
+    embed = decoder.get_input_embeddings()
+    cache_kw = _cache_keyword(decoder)
+    logits, cache = prefill(decoder, inputs)
+    mask = inputs.attention_mask  # (b, L)
     next_position = inputs.position_ids[:, -1] + 1  # (b,)
-    active = torch.arange(len(waveforms), device=mask.device)  # rows of the original batch still decoding
-    outputs: list[list[int]] = [[] for _ in waveforms]
+    rows = mask.shape[0]
+    active = torch.arange(rows, device=mask.device)  # rows of the original batch still decoding
+    outputs: list[list[int]] = [[] for _ in range(rows)]
     for step in range(max_new_tokens):
         tokens = logits.argmax(dim=-1)  # (b,)
-        going = tokens != eos
+        going = tokens != eos_id
         for row, token, keep in zip(active.tolist(), tokens.tolist(), going.tolist()):
             if keep:
                 outputs[row].append(token)

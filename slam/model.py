@@ -217,7 +217,25 @@ class SpeechLLM(nn.Module):
             targets: B target texts.
 
         Returns:
-            The scalar loss.
+            The scalar loss, `nll`'s sum divided by its count.
+        """
+        total, count = self.nll(waveforms, targets)
+        return total / count
+
+    def nll(
+        self, waveforms: Sequence[np.ndarray | torch.Tensor], targets: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced NLL over target tokens and EOS, summed, and the number of those tokens.
+
+        The sum and the count, rather than their ratio, let data-parallel training average over the tokens of
+        the whole global batch (`slam.train`), so that its gradient is the one of a single process.
+
+        Args:
+            waveforms: B mono 16 kHz waveforms.
+            targets: B target texts.
+
+        Returns:
+            The summed NLL, a float32 scalar, and the token count, an int64 scalar.
         """
         inputs = self.decoder_inputs(waveforms, targets, padding_side="right")
         logits = self.decoder(
@@ -226,8 +244,10 @@ class SpeechLLM(nn.Module):
             position_ids=inputs.position_ids,
             use_cache=False,
         ).logits  # (B, L, V)
-        shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        return nn.functional.cross_entropy(shifted, inputs.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B*(L-1), V)
+        labels = inputs.labels[:, 1:].reshape(-1)  # (B*(L-1),)
+        total = nn.functional.cross_entropy(shifted, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total, (labels != IGNORE_INDEX).sum()
 
 
 def build_speech_llm(cfg: SpeechLLMConfig) -> SpeechLLM:

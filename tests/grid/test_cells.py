@@ -281,6 +281,9 @@ CHANGES = {
         set_at("models/qwen2.5-7b-lora/decoder/lora/rank", 32),
         lambda c: c.kind == "train" and c.tags["model"] == "qwen2.5-7b-lora",
     ),
+    # The global batch is batch_size x processes: every baseline training, not healing.
+    "DDP training processes": ("paper.yaml", set_at("defaults/train_workers", 4), lambda c: c.kind == "train"),
+    "DDP training of the demo": ("demo.yaml", set_at("defaults/train_workers", 2), lambda c: c.kind == "train"),
 }
 
 
@@ -297,6 +300,12 @@ def test_a_change_reruns_exactly_the_cells_it_reaches(tmp_path, name, edit, reac
     changed = {b.id for b, a in zip(before, after) if b.id != a.id}
     assert changed == expected
     assert 0 < len(expected) < len(before)
+
+
+def test_one_training_process_is_the_default_and_keeps_single_process_ids(tmp_path):
+    doc = yaml.safe_load((EXPERIMENTS / "demo.yaml").read_text())
+    doc["defaults"]["train_workers"] = 1
+    assert [c.id for c in expand(load_experiment(_write(tmp_path, doc)))] == [c.id for c in _cells("demo.yaml")]
 
 
 def test_cell_kind_is_checked():

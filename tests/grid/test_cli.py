@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -46,6 +48,17 @@ def test_path_skips_empty_lines_and_truncates(qwen_dir, tmp_path):
     out = tmp_path / "p.json"
     assert main(["path", "--model", str(qwen_dir), "--text", str(text), "--out", str(out), "--max-length", "3"]) == 0
     assert json.loads(out.read_text())["num_samples"] == 2
+
+
+def test_path_reads_text_from_a_pipe(qwen_dir, tmp_path):
+    fifo = tmp_path / "text.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("the river ran cold\na cat\nseven birds\n"))
+    writer.start()
+    out = tmp_path / "p.json"
+    assert main(["path", "--model", str(qwen_dir), "--text", str(fifo), "--out", str(out)]) == 0
+    writer.join()
+    assert json.loads(out.read_text())["num_samples"] == 3
 
 
 @pytest.mark.parametrize(

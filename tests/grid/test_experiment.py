@@ -86,6 +86,9 @@ def test_paper_yaml_is_the_papers_setup():
         ("ast", "facebook/covost2", "en_de"),
         ("ast", "facebook/covost2", "fr_en"),
     }
+    # Paper section 4: batch 8 per GPU on 2 GPUs, so every baseline training is 2-process DDP.
+    assert exp.train_workers == 2
+    assert {cell.config["train_workers"] for cell in expand(exp) if cell.kind == "train"} == {2}
     studies = {study.name: study for study in exp.studies}
     assert studies["asr"].healing == HEAL_STRATEGIES and studies["asr"].depths == ALL_DEPTHS
     assert len(studies["asr"].models) == 6
@@ -101,6 +104,9 @@ def test_demo_yaml_is_small():
     (model,) = exp.models.values()
     assert (model.name, model.layers, model.train.steps, model.heal_train.steps) == ("tiny-qwen", 8, 1500, 150)
     assert (exp.distance.max_samples, exp.decode.max_new_tokens) == (64, 40)
+    # One training process: no `train_workers` in the train cells, whose ids stay those of single-process runs.
+    assert exp.train_workers == 1
+    assert not any("train_workers" in cell.config for cell in expand(exp))
     assert {task.name: task.prompt for task in exp.tasks.values()} == {
         "asr": "Transcribe speech to text.",
         "ast": "Translate speech to Toy.",
@@ -115,7 +121,7 @@ def test_demo_yaml_is_small():
 def test_per_table_files_take_papers_sections(name):
     paper = load_experiment(EXPERIMENTS / "paper.yaml")
     exp = load_experiment(EXPERIMENTS / f"{name}.yaml")
-    assert (exp.models, exp.tasks, exp.heal, exp.decode, exp.distance, exp.projector, exp.seed) == (
+    assert (exp.models, exp.tasks, exp.heal, exp.decode, exp.distance, exp.projector, exp.seed, exp.train_workers) == (
         paper.models,
         paper.tasks,
         paper.heal,
@@ -123,6 +129,7 @@ def test_per_table_files_take_papers_sections(name):
         paper.distance,
         paper.projector,
         paper.seed,
+        paper.train_workers,
     )
     assert exp.source.endswith(f"{name}.yaml")
 
@@ -178,6 +185,11 @@ BAD = {
         set_at("studys", []),
         "studys: unknown key; allowed keys: name, defaults, models, tasks, studies",
     ),
+    "unknown defaults key": (
+        set_at("defaults/workers", 2),
+        "defaults.workers: unknown key; allowed keys: projector, train, heal, heal_train, decode, distance, seed, "
+        "train_workers",
+    ),
     "unknown slam config key": (
         set_at("defaults/heal", {"lora_rnak": 8}),
         "defaults.heal.lora_rnak: unknown key; allowed keys: strategy, lora_rank, lora_alpha, lora_dropout, "
@@ -186,6 +198,14 @@ BAD = {
     "bad slam config value": (
         set_at("defaults/train/steps", 0),
         "defaults.train: train.steps=0 is not allowed: expected a positive integer",
+    ),
+    "train_workers zero": (
+        set_at("defaults/train_workers", 0),
+        "defaults.train_workers=0 is not allowed: expected an integer >= 1 (DDP processes per training)",
+    ),
+    "train_workers not an integer": (
+        set_at("defaults/train_workers", "2"),
+        "defaults.train_workers='2' is not allowed: expected an integer >= 1 (DDP processes per training)",
     ),
     "bad model override": (
         set_at("models/tiny/train", {"lr": "1e-3"}),

@@ -7,7 +7,6 @@ logical GPUs serve the whole module; the grid's cells run for real, only their s
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-import soundfile as sf
-import yaml
 from mlflow.tracking import MlflowClient
 
 from grid.cells import Cell, expand
@@ -33,11 +30,8 @@ from slam.config import DecoderConfig, DistanceConfig, EncoderConfig, ProjectorC
 from slam.metrics import removable_fraction
 from slam.model import load_decoder
 from slam.redundancy import text_layer_distances
-from slam.tiny import build_tiny_lm, build_tiny_wavlm
+from tests.grid.world import LAYERS, TEXTS, build_world, cell_runs, write_experiment
 
-TEXTS = ["the river ran cold", "she opened the window", "a small boat", "seven birds", "a long letter",
-         "the old bridge", "morning air", "his brother"]  # fmt: skip
-LAYERS = 4
 STUDIES = [
     {"name": "asr", "task": "asr", "models": ["tiny"], "paths": [{"source": "speech"}], "depths": [2],
      "healing": ["none", "decoder+projector"]},
@@ -50,26 +44,7 @@ STUDIES = [
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """Tiny backbones, 8 noise utterances of 0.3-0.5 s with texts and translations, and manifests."""
-    root = tmp_path_factory.mktemp("world")
-    build_tiny_lm(root / "lm", TEXTS + [" ".join(reversed(t.split())) for t in TEXTS], layers=LAYERS, hidden=32)
-    build_tiny_wavlm(root / "encoder")
-    rng = np.random.default_rng(0)
-    (root / "audio").mkdir()
-    lines = []
-    for i, text in enumerate(TEXTS):
-        seconds = 0.3 + 0.2 * i / (len(TEXTS) - 1)
-        sf.write(root / "audio" / f"{i}.flac", 0.1 * rng.standard_normal(int(16_000 * seconds)), 16_000)
-        record = {
-            "id": f"u{i}",
-            "audio": f"audio/{i}.flac",
-            "text": text,
-            "translation": " ".join(reversed(text.split())),
-        }
-        lines.append(json.dumps(record))
-    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "dev.jsonl").write_text("\n".join(lines[:4]) + "\n")
-    (root / "test.jsonl").write_text("\n".join(lines[4:]) + "\n")
-    return root
+    return build_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +57,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def first_run(world, ray_cluster) -> tuple[Path, str, RunReport]:
     """The whole grid, run once."""
-    path = _experiment(world, "runner", STUDIES)
+    path = write_experiment(world, "runner", STUDIES)
     uri = f"sqlite:///{world}/mlflow.db"
     return path, uri, run_experiment(path, tracking_uri=uri, workdir=world / "out")
 
@@ -93,7 +68,7 @@ def test_every_cell_finishes_with_exactly_one_run(first_run):
     assert [c.kind for c in cells].count("prune") == 4 and len(cells) == 14
     assert report.counts == {"FINISHED": 14}
     assert report.failed == [] and report.started == 14
-    runs = _runs(uri, "runner")
+    runs = cell_runs(uri, "runner")
     assert Counter(run.data.tags["cell_id"] for run in runs) == Counter(c.id for c in cells)
     assert all(run.info.status == "FINISHED" for run in runs)
     train = next(run for run in runs if run.data.tags["cell_kind"] == "train")
@@ -109,7 +84,7 @@ def test_backbones_are_loaded_once_per_worker_not_per_cell(first_run):
     path, uri, report = first_run
     cells = {c.id: c for c in expand(load_experiment(path))}
     pairs = set()
-    for run in _runs(uri, "runner"):
+    for run in cell_runs(uri, "runner"):
         cell = cells[run.data.tags["cell_id"]]
         worker = run.data.tags["worker"]
         if "speech_llm" in cell.config:
@@ -125,17 +100,17 @@ def test_backbones_are_loaded_once_per_worker_not_per_cell(first_run):
 
 def test_a_second_run_starts_no_cell_and_creates_no_run(first_run, world):
     path, uri, _ = first_run
-    before = len(_runs(uri, "runner"))
+    before = len(cell_runs(uri, "runner"))
     again = run_experiment(path, tracking_uri=uri, workdir=world / "out")
     assert again.started == 0 and again.worker_loads == {}
     assert again.counts == {"FINISHED": 14}
-    assert len(_runs(uri, "runner")) == before
+    assert len(cell_runs(uri, "runner")) == before
 
 
 def test_path_cells_log_the_path_contract(first_run, world):
     _, uri, _ = first_run
     client = MlflowClient(uri)
-    paths = [run for run in _runs(uri, "runner") if run.data.tags["cell_kind"] == "path"]
+    paths = [run for run in cell_runs(uri, "runner") if run.data.tags["cell_kind"] == "path"]
     assert sorted(run.data.tags["path.source"] for run in paths) == ["speech", "speech", "text"]
     for run in paths:
         report = GridStore(uri, "runner").load_json_artifact(run.info.run_id, "distance.json")
@@ -161,7 +136,7 @@ def test_summaries_equal_the_slam_functions_on_the_logged_metrics(first_run):
     _, uri, _ = first_run
     client = MlflowClient(uri)
     store = GridStore(uri, "runner")
-    runs = _runs(uri, "runner")
+    runs = cell_runs(uri, "runner")
     for study, metric in (("asr", "wer"), ("ast", "bleu")):
         baseline_run = next(r for r in runs if r.data.tags["cell_kind"] == "eval" and r.data.tags["task"] == study)
         baseline = {"test": baseline_run.data.metrics[f"test.{metric}"]}
@@ -197,7 +172,7 @@ def test_summaries_equal_the_slam_functions_on_the_logged_metrics(first_run):
 def test_a_failed_cell_blocks_its_dependents_and_reruns_in_the_same_run(world, ray_cluster, capsys):
     uri = f"sqlite:///{world}/mlflow.db"
     study = {**STUDIES[0], "healing": ["none"]}
-    path = _experiment(world, "broken", [study], dev="late-dev.jsonl")
+    path = write_experiment(world, "broken", [study], dev="late-dev.jsonl")
     argv = ["--tracking-uri", uri]
     assert main(["run", str(path), *argv, "--workdir", str(world / "out")]) == 1
     assert "FAILED" in capsys.readouterr().out
@@ -219,7 +194,7 @@ def test_a_failed_cell_blocks_its_dependents_and_reruns_in_the_same_run(world, r
     shutil.copy(world / "dev.jsonl", world / "late-dev.jsonl")
     report = run_experiment(path, tracking_uri=uri, workdir=world / "out")
     assert report.counts == {"FINISHED": 5} and report.started == 3
-    runs = _runs(uri, "broken")
+    runs = cell_runs(uri, "broken")
     assert len(runs) == 5
     rerun = next(run for run in runs if run.data.tags["cell_kind"] == "path")
     assert rerun.info.run_id == status["path"].run_id and "error" not in rerun.data.tags
@@ -229,7 +204,7 @@ def test_a_failed_cell_blocks_its_dependents_and_reruns_in_the_same_run(world, r
 def test_a_cell_whose_worker_dies_is_failed_and_resumes_from_its_checkpoint(world, ray_cluster):
     uri = f"sqlite:///{world}/mlflow.db"
     study = {**STUDIES[0], "healing": ["none"]}
-    path = _experiment(world, "killed", [study], train={"steps": 1000, "batch_size": 2, "checkpoint_every": 20})
+    path = write_experiment(world, "killed", [study], train={"steps": 1000, "batch_size": 2, "checkpoint_every": 20})
     result: dict[str, RunReport] = {}
     thread = threading.Thread(target=lambda: result.update(first=run_experiment(path, uri, world / "out")))
     thread.start()
@@ -237,7 +212,7 @@ def test_a_cell_whose_worker_dies_is_failed_and_resumes_from_its_checkpoint(worl
     while not list((world / "out" / "killed").glob("*/train/checkpoints/step-*")):
         assert time.monotonic() < deadline, "no checkpoint was written"
         time.sleep(0.2)
-    [train] = [run for run in _runs(uri, "killed") if run.data.tags["cell_kind"] == "train"]
+    [train] = [run for run in cell_runs(uri, "killed") if run.data.tags["cell_kind"] == "train"]
     os.kill(int(train.data.tags["worker"].rpartition(":")[2]), signal.SIGKILL)
     thread.join()
 
@@ -248,12 +223,12 @@ def test_a_cell_whose_worker_dies_is_failed_and_resumes_from_its_checkpoint(worl
     assert MlflowClient(uri).get_run(train.info.run_id).info.status == "FAILED"
     again = run_experiment(path, uri, world / "out")
     assert again.counts == {"FINISHED": 5}
-    [resumed] = [run for run in _runs(uri, "killed") if run.data.tags["cell_kind"] == "train"]
+    [resumed] = [run for run in cell_runs(uri, "killed") if run.data.tags["cell_kind"] == "train"]
     assert resumed.info.run_id == train.info.run_id and resumed.data.metrics["train.resumed_from"] >= 20
 
 
 def test_status_of_a_store_that_does_not_exist_writes_nothing(world, tmp_path):
-    path = _experiment(world, "runner", STUDIES)
+    path = write_experiment(world, "runner", STUDIES)
     status = experiment_status(path, tracking_uri=f"sqlite:///{tmp_path}/none.db")
     assert status.counts == {"PENDING": 14} and not (tmp_path / "none.db").exists()
 
@@ -270,6 +245,9 @@ def test_route_prefers_an_idle_worker_that_holds_the_backbone():
     assert route([a, b], idle=[2, 1], held=held) == [(b, 1), (a, 2)]
     assert route([a, b, summary], idle=[0, 1], held=held) == [(a, 0), (b, 1)]
     assert route([summary, a], idle=[1, 2], held=held) == [(summary, 2), (a, 1)]
+    # Slot 3 has no worker yet: a cell loading a decoder starts one there, a summary goes to a running worker.
+    assert route([a], idle=[0, 3], held={0: frozenset({"b"})}) == [(a, 3)]
+    assert route([summary], idle=[0, 3], held={0: frozenset({"b"})}) == [(summary, 0)]
 
 
 def test_backbones_load_each_backbone_once_and_give_independent_decoders(world):
@@ -288,47 +266,6 @@ def test_backbones_load_each_backbone_once_and_give_independent_decoders(world):
     assert len(second.decoder.model.layers) == len(master.model.layers) == LAYERS
     seeded = backbones.speech_llm(cfg, seed=3), backbones.speech_llm(cfg, seed=3)
     assert all(p.equal(q) for p, q in zip(seeded[0].projector.parameters(), seeded[1].projector.parameters()))
-
-
-def _experiment(root: Path, name: str, studies: list[dict], dev: str = "dev.jsonl", train: dict | None = None) -> Path:
-    def data(file: str) -> dict:
-        return {"source": "manifest", "path": str(root / file)}
-
-    def task(kind: str, prompt: str) -> dict:
-        return {"task": kind, "prompt": prompt, "train": data("train.jsonl"), "dev": {"dev": data(dev)},
-                "eval": {"test": data("test.jsonl")}}  # fmt: skip
-
-    experiment = {
-        "name": name,
-        "defaults": {
-            "projector": {"stack": 5, "hidden": 16},
-            "train": train or {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 2},
-            "heal": {"lora_rank": 4, "lora_alpha": 4},
-            "heal_train": {"steps": 2},
-            "decode": {"batch_size": 4, "max_new_tokens": 4},
-            "distance": {"batch_size": 4, "max_samples": 4},
-            "seed": 0,
-        },
-        "models": {
-            "tiny": {
-                "encoder": {"name": str(root / "encoder"), "kind": "wavlm"},
-                "decoder": {"name": str(root / "lm")},
-                "layers": LAYERS,
-            }
-        },
-        "tasks": {"asr": task("asr", "Transcribe speech to text."), "ast": task("ast", "Translate speech.")},
-        "studies": studies,
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
-    return path
-
-
-def _runs(uri: str, experiment: str) -> list:
-    """Every cell run of an experiment (the parent run left out)."""
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], "tags.cell_id LIKE '%'", max_results=1000)
 
 
 def _cell(decoder: str | None, kind: str) -> Cell:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import datasets
@@ -429,6 +430,9 @@ def test_bad_manifest_line_raises_naming_file_and_line(bad_manifest, request):
     message = str(caught.value)
     assert "bad.jsonl line 2" in message
     assert reason in message
+    # The error crosses process boundaries (Ray workers) intact.
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert (type(again), str(again)) == (type(caught.value), message)
     if name is not None:
         assert name in message
     if not at_load:

@@ -1,0 +1,203 @@
+"""The demo grid end to end, shrunk, and `slamgrid summarize` on its store.
+
+`experiments/demo.yaml` runs as shipped (the demo backbones, corpus, studies and prompts) except for its sizes:
+20 training steps, 3 healing steps, 8 training, 4 dev and 6 test utterances, fewer depths. The summary's numbers
+are then checked against the slam functions applied to what the cells logged (their hypotheses and references).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from grid.cells import expand
+from grid.cli import main
+from grid.experiment import load_experiment
+from grid.summarize import REPORT_DIR, collect, summarize
+from grid.tracking import GridStore
+from slam.metrics import corpus_bleu, corpus_wer, removable_fraction
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "experiments" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, str, str]:
+    """The shrunk demo grid run once through `slamgrid run` on a local Ray with 2 logical GPUs: (file, uri, stdout)."""
+    root = tmp_path_factory.mktemp("demo")
+    path = _shrunk_demo(root)
+    uri = f"sqlite:///{root}/mlflow.db"
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    try:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["run", str(path), "--tracking-uri", uri, "--workdir", str(root / "out")])
+    finally:
+        ray.shutdown()
+    assert code == 0, out.getvalue()
+    return path, uri, out.getvalue()
+
+
+def test_the_demo_grid_finishes_and_prints_its_tables(demo_run):
+    path, uri, out = demo_run
+    cells = expand(load_experiment(path))
+    runs = _runs(uri)
+    assert sorted(r.data.tags["cell_id"] for r in runs) == sorted(c.id for c in cells)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert f"demo: {len(cells)} cells\n  FINISHED  {len(cells)}\n" in out
+    assert "Table 1, study asr:" in out and "Table 2, study ast, tiny-qwen, healing decoder+projector:" in out
+    assert f"mlflow ui --backend-store-uri {uri}" in out
+
+
+def test_table1_equals_the_slam_metrics_on_the_logged_hypotheses(demo_run):
+    path, uri, _ = demo_run
+    summary = summarize(path, tracking_uri=uri, log=False)
+    assert summary.missing == []
+    store = GridStore(uri, "demo")
+    runs = _runs(uri)
+    (baseline_run,) = _select(runs, {"cell_kind": "eval", "task": "asr"})
+    baseline = {"test": _rescored(store, baseline_run, "wer")}
+    asr = next(study for study in summary.studies if study["study"] == "asr")
+    assert [(r["path_label"], r["healing"]) for r in asr["results"]] == [
+        ("speech-asr", "none"),
+        ("speech-asr", "decoder+projector"),
+    ]
+    lines = summary.table1.splitlines()
+    for result in asr["results"]:
+        assert result["baseline"]["test"] == pytest.approx(baseline["test"], abs=1e-9)
+        wanted = {"cell_kind": "prune", "task": "asr", "healing": result["healing"], "path.source": "speech"}
+        pruned = {r.data.metrics["fraction"]: {"test": _rescored(store, r, "wer")} for r in _select(runs, wanted)}
+        assert sorted(pruned) == [row["fraction"] for row in result["rows"]] == [1 / 8, 2 / 8]
+        expected = removable_fraction(baseline, pruned, "wer")
+        assert result["removable_fraction"] == expected
+        row = next(line for line in lines if line.startswith("tiny-qwen") and result["healing"] in line.split())
+        assert row.split()[-1] == f"{baseline['test']:.2f}"
+        pruned_line = lines[lines.index(row) + 1].split()
+        assert pruned_line[:3] == ["+", "pruning", f"{100 * expected:.1f}"]
+        if expected > 0:
+            assert pruned_line[3] == f"{pruned[expected]['test']:.2f}"
+
+
+def test_table2_equals_the_slam_bleu_of_each_path(demo_run):
+    path, uri, _ = demo_run
+    summary = summarize(path, tracking_uri=uri, log=False)
+    store = GridStore(uri, "demo")
+    runs = _runs(uri)
+    (baseline_run,) = _select(runs, {"cell_kind": "eval", "task": "ast"})
+    baseline = {"test": _rescored(store, baseline_run, "bleu")}
+    ast = next(study for study in summary.studies if study["study"] == "ast")
+    assert sorted(r["path_label"] for r in ast["results"]) == ["speech-asr", "speech-ast"]
+    header, base_row, *rows = summary.table2.splitlines()[1:]
+    assert header.split() == ["%", "drop", "speech-ast", "test", "speech-asr", "test"]
+    assert base_row.split() == ["–", f"{baseline['test']:.2f}", f"{baseline['test']:.2f}"]
+    for column, result in enumerate(ast["results"]):
+        wanted = {"cell_kind": "prune", "task": "ast", "path.task": result["path"]["task"]}
+        scores = {r.data.metrics["fraction"]: {"test": _rescored(store, r, "bleu")} for r in _select(runs, wanted)}
+        assert len(scores) == 1
+        ((fraction, score),) = scores.items()
+        line = next(row.split() for row in rows if row.startswith(f"{100 * fraction:.1f}"))
+        assert line[1 + column] == f"{score['test']:.2f}"
+        removable = next(row.split() for row in rows if row.startswith("removable"))
+        expected = removable_fraction(baseline, scores, "bleu") if baseline["test"] > 0 else None
+        assert result["removable_fraction"] == expected
+        assert removable[2 + column] == ("n/a" if expected is None else f"{100 * expected:.1f}")
+
+
+def test_summarize_logs_tables_and_figures_to_the_parent_run(demo_run, capsys):
+    path, uri, _ = demo_run
+    assert main(["summarize", str(path), "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    store = GridStore(uri, "demo")
+    parent = store.parent_run()
+    client = MlflowClient(uri)
+    logged = {a.path for a in client.list_artifacts(parent, REPORT_DIR)}
+    assert logged == {
+        f"{REPORT_DIR}/{name}"
+        for name in ("table1.txt", "table2.txt", "summary.json", "figure1.png", "figure2.png", "figure2_bleu.png")
+    }
+    saved = store.load_json_artifact(parent, f"{REPORT_DIR}/summary.json")
+    assert saved["table1"] in out and saved["table2"] in out
+    # Figure 1 has one panel per path cell: speech (asr), speech (ast), text (asr).
+    assert [(p["source"], p["task"]) for p in saved["paths"]] == [("speech", "asr"), ("speech", "ast"), ("text", "asr")]
+    for report in saved["paths"]:
+        distance = np.array(report["distance"])
+        assert distance.shape == (9, 9) and np.all(np.diag(distance) == 0)
+
+
+def test_a_partial_grid_is_summarised_from_its_finished_cells(demo_run):
+    path, uri, _ = demo_run
+    cells = expand(load_experiment(path))
+    store = GridStore(uri, "demo")
+    finished = {cid: state.run_id for cid, state in store.states(c.id for c in cells).items()}
+    asr_eval = next(c for c in cells if c.kind == "eval" and c.tags["task"] == "asr")
+    one_prune = next(c for c in cells if c.kind == "prune" and c.tags["task"] == "ast")
+    partial = {cid: run for cid, run in finished.items() if cid not in (asr_eval.id, one_prune.id)}
+    summary = collect(store, cells, partial, "demo")
+    asr_prunes = [c.id for c in cells if c.kind == "prune" and c.config["train_cell"] == asr_eval.config["train_cell"]]
+    # The ASR baseline is gone, so are the ASR prune cells measured against it; one AST prune cell is gone.
+    assert set(summary.missing) == {asr_eval.id, one_prune.id, *asr_prunes}
+    assert all(study["results"] == [] for study in summary.studies if study["task"] == "asr")
+    ast = next(study for study in summary.studies if study["study"] == "ast")
+    assert sum(len(result["rows"]) for result in ast["results"]) == 1
+    assert f"{len(summary.missing)} of {len(cells)} cells have no finished result" in summary.text()
+    assert summary.table1 == "" and "figure2" not in summary.figures
+
+
+def test_summarize_without_a_run_is_a_clear_error(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/none.db"
+    assert main(["summarize", str(DEMO), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slamgrid: error: ") and "has no experiment 'demo'" in err
+    assert not (tmp_path / "none.db").exists()
+
+
+def _shrunk_demo(root: Path) -> Path:
+    doc = yaml.safe_load(DEMO.read_text())
+    doc["defaults"]["train"].update(steps=20, log_every=10, checkpoint_every=10)
+    doc["defaults"]["heal_train"].update(steps=3)
+    doc["defaults"]["distance"].update(max_samples=4)
+    for model in doc["models"].values():
+        for part in ("encoder", "decoder"):
+            model[part]["name"] = str(REPO / model[part]["name"])
+    sizes = {"train": 8, "dev": 4, "test": 6}
+    for task in doc["tasks"].values():
+        task["train"] = {**task["train"], "path": str(REPO / task["train"]["path"]), "max_samples": sizes["train"]}
+        for group in ("dev", "eval"):
+            for name, data in task[group].items():
+                task[group][name] = {**data, "path": str(REPO / data["path"]), "max_samples": sizes[name]}
+    doc["studies"][0]["depths"] = [2, 3]
+    doc["studies"][1]["depths"] = [3]
+    path = root / "demo.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _runs(uri: str):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("demo")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return [run for run in runs if "cell_id" in run.data.tags]
+
+
+def _select(runs, tags: dict[str, str]) -> list:
+    return [r for r in runs if all(r.data.tags.get(key) == value for key, value in tags.items())]
+
+
+def _rescored(store: GridStore, run, metric: str) -> float:
+    """The set `test` scored again with the slam metric from the hypotheses and references the run logged."""
+    logged = store.load_json_artifact(run.info.run_id, "hypotheses/test.json")
+    if metric == "wer":
+        score = 100.0 * corpus_wer(logged["hypotheses"], logged["references"]).wer
+    else:
+        score = corpus_bleu(logged["hypotheses"], logged["references"]).bleu
+    assert math.isclose(score, run.data.metrics[f"test.{metric}"], rel_tol=1e-9, abs_tol=1e-9)
+    assert len(logged["hypotheses"]) == len(logged["references"]) == 6
+    return score

@@ -1,0 +1,115 @@
+"""The tiny world the grid's runner tests run cells in: backbones, noise utterances, manifests, experiment files.
+
+A 4-layer Qwen2-shaped LM with its own tokenizer, a tiny WavLM, and 8 noise utterances of 0.3-0.5 s with
+transcripts and (word-reversed) translations; `train.jsonl` holds all 8, `dev.jsonl` the first 4, `test.jsonl`
+the last 4.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import yaml
+from mlflow.tracking import MlflowClient
+
+from slam.tiny import build_tiny_lm, build_tiny_wavlm
+
+TEXTS = ["the river ran cold", "she opened the window", "a small boat", "seven birds", "a long letter",
+         "the old bridge", "morning air", "his brother"]  # fmt: skip
+LAYERS = 4
+TRAIN = {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 2}
+"""The experiments' default training: 4 steps of 2 utterances."""
+
+
+def build_world(root: Path) -> Path:
+    """Write the world under `root` (`lm/`, `encoder/`, `audio/`, manifests) and return `root`."""
+    build_tiny_lm(root / "lm", TEXTS + [" ".join(reversed(t.split())) for t in TEXTS], layers=LAYERS, hidden=32)
+    build_tiny_wavlm(root / "encoder")
+    rng = np.random.default_rng(0)
+    (root / "audio").mkdir()
+    lines = []
+    for i, text in enumerate(TEXTS):
+        seconds = 0.3 + 0.2 * i / (len(TEXTS) - 1)
+        sf.write(root / "audio" / f"{i}.flac", 0.1 * rng.standard_normal(int(16_000 * seconds)), 16_000)
+        record = {
+            "id": f"u{i}",
+            "audio": f"audio/{i}.flac",
+            "text": text,
+            "translation": " ".join(reversed(text.split())),
+        }
+        lines.append(json.dumps(record))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "dev.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    (root / "test.jsonl").write_text("\n".join(lines[4:]) + "\n")
+    return root
+
+
+def write_experiment(
+    root: Path,
+    name: str,
+    studies: list[dict],
+    dev: str = "dev.jsonl",
+    train: dict | None = None,
+    defaults: dict | None = None,
+    ast_dev: str | None = None,
+) -> Path:
+    """An experiment file `root/{name}.yaml` on the world's model `tiny` and tasks `asr` and `ast`.
+
+    Args:
+        root: The world.
+        name: The experiment's name.
+        studies: Its studies.
+        dev: Manifest of the tasks' dev sets.
+        train: The training config; None: `TRAIN`.
+        defaults: More `defaults` keys (e.g. `train_workers`).
+        ast_dev: Manifest of the AST task's dev set instead of `dev`.
+
+    Returns:
+        The file.
+    """
+
+    def data(file: str) -> dict:
+        return {"source": "manifest", "path": str(root / file)}
+
+    def task(kind: str, prompt: str, dev: str) -> dict:
+        return {"task": kind, "prompt": prompt, "train": data("train.jsonl"), "dev": {"dev": data(dev)},
+                "eval": {"test": data("test.jsonl")}}  # fmt: skip
+
+    experiment = {
+        "name": name,
+        "defaults": {
+            "projector": {"stack": 5, "hidden": 16},
+            "train": train or TRAIN,
+            "heal": {"lora_rank": 4, "lora_alpha": 4},
+            "heal_train": {"steps": 2},
+            "decode": {"batch_size": 4, "max_new_tokens": 4},
+            "distance": {"batch_size": 4, "max_samples": 4},
+            "seed": 0,
+            **(defaults or {}),
+        },
+        "models": {
+            "tiny": {
+                "encoder": {"name": str(root / "encoder"), "kind": "wavlm"},
+                "decoder": {"name": str(root / "lm")},
+                "layers": LAYERS,
+            }
+        },
+        "tasks": {
+            "asr": task("asr", "Transcribe speech to text.", dev),
+            "ast": task("ast", "Translate speech.", ast_dev or dev),
+        },
+        "studies": studies,
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    return path
+
+
+def cell_runs(uri: str, experiment: str) -> list:
+    """Every cell run of an experiment (the parent run left out)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.cell_id LIKE '%'", max_results=1000)
