@@ -424,8 +424,7 @@ def _run_path(ctx: _Context) -> None:
         decoder_cfg = from_dict(DecoderConfig, ctx.config["decoder"], "decoder")
         name = decoder_cfg.name
         master, tokenizer = ctx.backbones.decoder(decoder_cfg)
-        # Samples are decoded for their transcripts: SpeechDataset gives no text without its audio.
-        texts = [sample.text for dataset in sets for sample in dataset.samples()]
+        texts = [text for dataset in sets for text in dataset.texts()]
         decoder = copy.deepcopy(master).to(ctx.backbones.device)
         result = text_layer_distances(decoder, tokenizer, texts, pooled)
     if result.n_layers != ctx.config["layers"]:

@@ -178,6 +178,13 @@ class SpeechDataset(Sequence[Sample]):
                     raise
                 self._access_skipped[i] = (bad.where, bad.reason)
 
+    def texts(self) -> list[str]:
+        """The transcript of every sample, from the metadata alone: no audio is decoded, and none is checked.
+
+        For text-only work (a text-derived pruning path) on the transcripts of a speech corpus.
+        """
+        return [entry.text for entry in self._entries]
+
     def durations(self) -> list[float]:
         """Length in seconds of every sample, read from the audio headers once and cached.
 

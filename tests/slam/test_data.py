@@ -475,3 +475,11 @@ def test_sample_is_frozen(manifest):
     assert isinstance(sample, Sample)
     with pytest.raises(AttributeError):
         sample.text = "changed"
+
+
+@pytest.mark.parametrize("bad_manifest", ["corrupt audio"], indirect=True)
+def test_texts_come_from_the_metadata_without_decoding_audio(bad_manifest):
+    ds = load_dataset(manifest_config(bad_manifest))
+    assert ds.texts() == ["one", "x", "three"]
+    with pytest.raises(BadInputError, match="cannot decode audio"):
+        list(ds.samples())
