@@ -98,6 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         num_workers=args.workers,
         ray_address=args.address,
+        **({"backbones_per_worker": args.backbones_per_worker} if args.backbones_per_worker else {}),
     )
     print(f"started {report.started} cell(s); backbone loads: {sum(report.loads.values())}")
     _print_status(report.status)
@@ -159,6 +160,11 @@ def _parser() -> argparse.ArgumentParser:
         help="slots to use, each a cell worker or a DDP training process (default: one per GPU, else per CPU)",
     )
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument(
+        "--backbones-per-worker",
+        type=_positive_int,
+        help="decoders a worker keeps loaded, least recently used dropped first (default: 2)",
+    )
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="cells of an experiment file per state, from the MLflow store")
     status.add_argument("experiment", help="experiment file (YAML)")

@@ -66,6 +66,9 @@ BLOCKED = "BLOCKED"
 """State of a cell that cannot run because a dependency failed (or is itself blocked)."""
 STATES = (FINISHED, "FAILED", "KILLED", "RUNNING", BLOCKED, PENDING)
 """Cell states in display order: MLflow's run statuses, BLOCKED (derived), and PENDING (no run yet)."""
+DEFAULT_BACKBONES_PER_WORKER = 2
+"""Decoders a worker keeps loaded by default: cells are routed to workers holding their decoder, so a worker
+rarely needs more, and each master copy of a 7-8B decoder takes 15-30 GB of CPU memory."""
 PLACEMENT_GROUP_TAG = "ray_train.placement_group"
 """Tag of a DDP train cell's run: the placement group holding its trainer's slots (hex id), set by rank 0."""
 _NOT_DONE = ("FAILED", "KILLED", BLOCKED)
@@ -170,20 +173,21 @@ class CellOutcome:
 class CellWorker:
     """A Ray actor that runs cells one at a time, keeping its backbones loaded across them."""
 
-    def __init__(self, uri: str, experiment: str, workdir: str) -> None:
+    def __init__(self, uri: str, experiment: str, workdir: str, max_decoders: int | None = None) -> None:
         """Open the store and start with no backbone.
 
         Args:
             uri: Tracking URI.
             experiment: MLflow experiment name.
             workdir: `workdir/<experiment name>`; each cell works in its `<cell id>/` below.
+            max_decoders: Decoders kept loaded at most (`Backbones`); None: no limit.
         """
         # Download progress bars would interleave in the driver's log, one per artifact a cell reads.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         hf_logging.disable_progress_bar()
         self.store = GridStore(uri, experiment)
         self.workdir = Path(workdir)
-        self.backbones = Backbones()
+        self.backbones = Backbones(max_decoders=max_decoders)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, cell: Cell, deps: dict[str, str]) -> CellOutcome:
@@ -217,6 +221,7 @@ def run_experiment(
     num_workers: int | None = None,
     use_gpu: bool | None = None,
     ray_address: str | None = None,
+    backbones_per_worker: int | None = DEFAULT_BACKBONES_PER_WORKER,
 ) -> RunReport:
     """Run (or resume) every cell of an experiment file on Ray, tracked in MLflow.
 
@@ -229,6 +234,8 @@ def run_experiment(
         use_gpu: One GPU per worker; None: when the Ray cluster has GPUs.
         ray_address: Ray cluster to connect to; None: `$RAY_ADDRESS`, else a local Ray (an already initialised
             Ray is used as it is).
+        backbones_per_worker: Decoders a worker keeps loaded at most, least recently used dropped first
+            (`grid.stages.Backbones`); None: no limit.
 
     Returns:
         The report: every cell's state from the store, cells started, backbone loads.
@@ -256,7 +263,7 @@ def run_experiment(
         if owns_ray:
             ray.init(address=ray_address, ignore_reinit_error=True)
         try:
-            pool = _Pool(store, Path(workdir).resolve() / exp.name, todo, num_workers, use_gpu)
+            pool = _Pool(store, Path(workdir).resolve() / exp.name, todo, num_workers, use_gpu, backbones_per_worker)
             try:
                 started = pool.run(todo, done)
             finally:
@@ -406,6 +413,7 @@ class _Pool:
         cells: Sequence[Cell],
         num_workers: int | None,
         use_gpu: bool | None,
+        backbones_per_worker: int | None = DEFAULT_BACKBONES_PER_WORKER,
     ) -> None:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         gpus = int(sum(node.get("GPU", 0) for node in nodes))
@@ -431,6 +439,7 @@ class _Pool:
             self.options = {"num_cpus": share}
             self.trainer_resources = {"CPU": share}
         self.use_gpu = use_gpu
+        self.backbones_per_worker = backbones_per_worker
         self.store, self.workdir = store, workdir
         self.workers: dict[int, ray.actor.ActorHandle] = {}
         """The worker of each slot that has one."""
@@ -554,7 +563,7 @@ class _Pool:
 
     def _start(self, slot: int) -> ray.actor.ActorHandle:
         self.workers[slot] = CellWorker.options(**self.options).remote(
-            self.store.uri, self.store.experiment, str(self.workdir)
+            self.store.uri, self.store.experiment, str(self.workdir), self.backbones_per_worker
         )
         self.held[slot] = frozenset()
         self.started_workers += 1

@@ -29,6 +29,7 @@ import math
 import re
 import resource
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,17 +100,23 @@ class Backbones:
     every SpeechLLM gets a deep copy, because pruning and LoRA change a decoder in place.
     """
 
-    def __init__(self, device: str | torch.device | None = None) -> None:
+    def __init__(self, device: str | torch.device | None = None, max_decoders: int | None = None) -> None:
         """Start empty.
 
         Args:
             device: Where models run; None: `cuda` (the worker's one visible GPU) when available, else `cpu`.
+            max_decoders: Decoders kept at most; loading one more first drops the least recently used (a 7B
+                master copy takes 15-30 GB of CPU memory). None: no limit.
         """
+        if max_decoders is not None and max_decoders < 1:
+            raise ValueError(f"max_decoders={max_decoders} is not allowed: expected a positive integer or None")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.max_decoders = max_decoders
         self.loads: dict[str, int] = {}
         """Loads from disk so far, by `encoder:<name>` and `decoder:<name>`."""
         self._encoders: dict[EncoderConfig, SpeechEncoder] = {}
-        self._decoders: dict[DecoderConfig, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+        # Least recently used first.
+        self._decoders: OrderedDict[DecoderConfig, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = OrderedDict()
 
     def encoder(self, cfg: EncoderConfig) -> SpeechEncoder:
         """The frozen speech encoder of `cfg`, on `self.device`, loaded on first use."""
@@ -121,13 +128,21 @@ class Backbones:
     def decoder(self, cfg: DecoderConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """The master copy of a decoder (on CPU; do not modify it) and its tokenizer, loaded on first use.
 
+        Beyond `max_decoders`, the least recently used decoder is dropped first (and loaded again if needed).
+
         The key leaves out `cfg.lora`: the adapter is added to each SpeechLLM's copy, so the frozen and the
         LoRA-adapted SpeechLLMs of one LLM, and its text paths, share one load.
         """
         key = replace(cfg, lora=None)
-        if key not in self._decoders:
-            self._decoders[key] = load_decoder(key)
-            self._count(f"decoder:{cfg.name}")
+        if key in self._decoders:
+            self._decoders.move_to_end(key)
+            return self._decoders[key]
+        if self.max_decoders is not None:
+            while len(self._decoders) >= self.max_decoders:
+                self._decoders.popitem(last=False)
+            gc.collect()
+        self._decoders[key] = load_decoder(key)
+        self._count(f"decoder:{cfg.name}")
         return self._decoders[key]
 
     def speech_llm(self, cfg: SpeechLLMConfig, seed: int = 0) -> SpeechLLM:

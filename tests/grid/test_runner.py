@@ -30,6 +30,7 @@ from slam.config import DecoderConfig, DistanceConfig, EncoderConfig, ProjectorC
 from slam.metrics import removable_fraction
 from slam.model import load_decoder
 from slam.redundancy import text_layer_distances
+from slam.tiny import build_tiny_lm
 from tests.grid.world import LAYERS, TEXTS, build_world, cell_runs, write_experiment
 
 STUDIES = [
@@ -266,6 +267,24 @@ def test_backbones_load_each_backbone_once_and_give_independent_decoders(world):
     assert len(second.decoder.model.layers) == len(master.model.layers) == LAYERS
     seeded = backbones.speech_llm(cfg, seed=3), backbones.speech_llm(cfg, seed=3)
     assert all(p.equal(q) for p, q in zip(seeded[0].projector.parameters(), seeded[1].projector.parameters()))
+
+
+def test_backbones_keep_at_most_max_decoders_dropping_the_least_recently_used(world, tmp_path):
+    names = [str(world / "lm")]
+    for name in ("lm2", "lm3"):
+        names.append(str(build_tiny_lm(tmp_path / name, TEXTS, layers=2, hidden=32)))
+    backbones = Backbones(max_decoders=2)
+    first, second, third = (DecoderConfig(name) for name in names)
+    backbones.decoder(first)
+    backbones.decoder(second)
+    backbones.decoder(first)  # now the most recently used: the third load drops the second, not the first
+    backbones.decoder(third)
+    assert backbones.held() == {names[0], names[2]}
+    backbones.decoder(second)
+    assert backbones.held() == {names[2], names[1]}
+    assert backbones.loads == {f"decoder:{names[0]}": 1, f"decoder:{names[1]}": 2, f"decoder:{names[2]}": 1}
+    with pytest.raises(ValueError, match="max_decoders=0 is not allowed"):
+        Backbones(max_decoders=0)
 
 
 def _cell(decoder: str | None, kind: str) -> Cell:
