@@ -82,6 +82,8 @@ from transformers import (
     WavLMModel,
 )
 
+from slam.config import DataConfig
+from slam.data import Sample, load_dataset
 from slam.metrics import corpus_bleu, corpus_wer
 from slam.model import position_ids_from_mask
 from slam.tiny import build_tokenizer
@@ -503,35 +505,18 @@ def synthesise_utterance(row: Sentence, path: str | Path, cfg: AudioConfig) -> f
     return len(samples) / SAMPLE_RATE
 
 
-def read_manifest(path: str | Path) -> list[dict]:
-    """The lines of a JSONL manifest, with `audio` resolved against the manifest's directory."""
-    path = Path(path)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for row in rows:
-        row["audio"] = str(path.parent / row["audio"])
-    return rows
-
-
-def load_audio(path: str | Path) -> np.ndarray:
-    """A 16 kHz mono audio file as float32 samples in [-1, 1].
-
-    Raises:
-        ValueError: The file is not 16 kHz mono.
-    """
-    audio, rate = sf.read(path, dtype="float32")
-    if rate != SAMPLE_RATE or audio.ndim != 1:
-        raise ValueError(f"{path}: expected 16 kHz mono audio, got {rate} Hz with shape {audio.shape}")
-    return audio
-
-
 def train_encoder(
-    train: Sequence[dict], dev: Sequence[dict], out_dir: str | Path, cfg: EncoderTrainConfig | None = None, log=print
+    train: Sequence[Sample],
+    dev: Sequence[Sample],
+    out_dir: str | Path,
+    cfg: EncoderTrainConfig | None = None,
+    log=print,
 ) -> GateResult:
     """Pretrain a tiny WavLM with a character CTC head on `train`, save its body, gate it on `dev`.
 
     Args:
-        train: Manifest rows (`read_manifest`) whose audio and `text` train the encoder.
-        dev: Manifest rows on which the greedy CTC character error rate is measured.
+        train: Utterances (`slam.data`) whose audio and `text` train the encoder.
+        dev: Utterances on which the greedy CTC character error rate is measured.
         out_dir: Where the WavLM body and its `Wav2Vec2FeatureExtractor` are saved (the head is dropped).
         cfg: Model size, augmentation and optimisation.
         log: Receives progress lines.
@@ -548,9 +533,9 @@ def train_encoder(
     )
     body = WavLMModel(_wavlm_config(cfg))
     head = nn.Linear(cfg.hidden, len(CHARACTERS) + 1)
-    waves = [load_audio(row["audio"]) for row in train]
+    waves = [sample.audio for sample in train]
     perturbed = [[_change_speed(wave, speed) for speed in cfg.speeds] for wave in waves]
-    labels = [torch.tensor(_char_ids(row["text"])) for row in train]
+    labels = [torch.tensor(_char_ids(sample.text)) for sample in train]
     params = list(body.parameters()) + list(head.parameters())
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_cosine(cfg.warmup, cfg.steps))
@@ -574,8 +559,8 @@ def train_encoder(
             log(f"encoder step {step}/{cfg.steps}: CTC loss {running / 100:.3f} ({time.time() - start:.0f} s)")
             running = 0.0
     body.eval()
-    hypotheses = ctc_transcribe(body, head, extractor, [load_audio(row["audio"]) for row in dev])
-    cer = float(jiwer.cer([row["text"] for row in dev], hypotheses))
+    hypotheses = ctc_transcribe(body, head, extractor, [sample.audio for sample in dev])
+    cer = float(jiwer.cer([sample.text for sample in dev], hypotheses))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     body.save_pretrained(out)
@@ -732,7 +717,10 @@ def build_backbones(
     """
     demo = Path(demo_dir)
     rows = read_sentences(demo / "sentences.tsv")
-    train, dev = read_manifest(demo / "train.jsonl"), read_manifest(demo / "dev.jsonl")
+    train, dev = (
+        list(load_dataset(DataConfig(source="manifest", path=str(demo / f"{split}.jsonl"))).samples())
+        for split in ("train", "dev")
+    )
     encoder = train_encoder(train, dev, demo / "models" / "encoder", encoder_cfg, log)
     log(_gate_line(encoder))
     decoder = train_decoder(rows, demo / "models" / "decoder", decoder_cfg, log)
