@@ -210,7 +210,8 @@ def train_speech_llm(config: Mapping[str, Any], workdir: Path, backbones: Backbo
     as Ray Train does) it is one rank of it, `slam.train.train` taking the rank's slice of every global batch.
     The reporting process (the only one, or rank 0) streams `train.loss` and `train.lr` while training, then
     logs the model artifact `model/` and the metrics `train.loss` (unless the last step already logged it),
-    `trainable_params`, `peak_memory_mb` and `train.resumed_from`.
+    `trainable_params`, `peak_memory_mb`, `train.resumed_from` and `train.skipped` (the samples left out
+    under `on_bad_sample: skip`, listed in `train_skipped.json` when there are any).
 
     Args:
         config: The train cell's config.
@@ -230,7 +231,7 @@ def train_speech_llm(config: Mapping[str, Any], workdir: Path, backbones: Backbo
     model = backbones.speech_llm(cfg, seed=train_cfg.seed)
     _check_layers(model.decoder, config["layers"], cfg.decoder.name)
     dataset = load_dataset(from_dict(DataConfig, config["data"], "data"))
-    result = train(model, dataset, train_cfg, out_dir=workdir / "train", tracker=run or NullTracker())
+    result = train(model, dataset.for_training(), train_cfg, out_dir=workdir / "train", tracker=run or NullTracker())
     if run is None:
         return
     saved = save_speech_llm(model, cfg, workdir / MODEL_ARTIFACT)
@@ -242,8 +243,11 @@ def train_speech_llm(config: Mapping[str, Any], workdir: Path, backbones: Backbo
             "trainable_params": _trainable(model),
             "peak_memory_mb": _peak_memory_mb(device),
             "train.resumed_from": result.resumed_from,
+            "train.skipped": len(result.skipped),
         }
     )
+    if result.skipped:
+        run.log_json("train_skipped.json", [list(item) for item in result.skipped])
 
 
 def distance_heatmap(distance: np.ndarray, path: Iterable[PathStep] = ()) -> Figure:

@@ -178,6 +178,18 @@ class SpeechDataset(Sequence[Sample]):
                     raise
                 self._access_skipped[i] = (bad.where, bad.reason)
 
+    def for_training(self) -> Sequence[Sample]:
+        """The samples as training reads them, by index, each index giving a readable sample.
+
+        Under `error` item i is `self[i]`. Under `skip` a sample whose audio is bad is recorded in `skipped`
+        (once) and replaced by the next readable one in index order (wrapping round), so a batch keeps its
+        size and stays a function of the training seed; that neighbour is seen twice per epoch.
+
+        Returns:
+            A sequence of `len(self)` samples with this dataset's `skipped`.
+        """
+        return _TrainingView(self)
+
     def texts(self) -> list[str]:
         """The transcript of every sample, from the metadata alone: no audio is decoded, and none is checked.
 
@@ -333,6 +345,34 @@ class _Entry:
     """Names the sample in error messages: file and line, or dataset, split and row."""
     audio: str | int
     """An audio file path, or a row of the `datasets` table whose audio column holds the audio."""
+
+
+class _TrainingView(Sequence):
+    """`SpeechDataset.for_training()`: every index a readable sample, bad ones replaced under `skip`."""
+
+    def __init__(self, dataset: SpeechDataset) -> None:
+        self._dataset = dataset
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return self._dataset.skipped
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, i: int) -> Sample:  # type: ignore[override]  # no slices, as SpeechDataset
+        ds = self._dataset
+        if ds._on_bad_sample == "error":
+            return ds[i]
+        n = len(ds)
+        for j in ((i + k) % n for k in range(n)):
+            if j in ds._access_skipped:
+                continue
+            try:
+                return ds[j]
+            except _BadSample as bad:
+                ds._access_skipped[j] = (bad.where, bad.reason)
+        raise BadInputError(f"none of the {n} samples has readable audio: {ds.skipped[-1][0]}: {ds.skipped[-1][1]}")
 
 
 class _BadSample(BadInputError):

@@ -4,6 +4,11 @@ A batch is left-padded (position ids count real tokens only), prefilled once, th
 token per step. A row that produces EOS leaves the batch at once: its cache rows are dropped, so
 finished hypotheses cost nothing while the others go on. Utterances are grouped by length before
 batching, which keeps padding small. The result for each utterance is the one it gets alone.
+
+The cache reserves room for the whole generation up front, so a step writes one position instead of
+copying the cache, and (for sdpa decoders with full attention) the attention masks are built here once
+per batch and extended by a column per step, instead of being rebuilt from the padding mask each step.
+A batch without padding passes no mask at all.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from slam.config import DecodeConfig
 from slam.model import DecoderInputs, SpeechLLM, decoder_stack
@@ -62,26 +68,45 @@ def greedy_token_ids(model: SpeechLLM, waveforms: Sequence[np.ndarray], cfg: Dec
     return results
 
 
-def prefill(decoder: PreTrainedModel, inputs: DecoderInputs) -> tuple[torch.Tensor, DynamicCache]:
+def prefill(
+    decoder: PreTrainedModel, inputs: DecoderInputs, room: int = 0
+) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
     """Run the decoder once over left-padded inputs, filling a fresh KV cache.
 
     Args:
         decoder: The causal LM (pruned or not).
         inputs: Left-padded decoder inputs without targets (`SpeechLLM.decoder_inputs(..., padding_side="left")`).
+        room: Tokens the cache reserves beyond the inputs, so that as many steps after this one write into it
+            instead of copying it (a step past the reserve still works: the cache then grows by copying).
 
     Returns:
-        The next-token logits of each row (b, V) and the cache.
+        The next-token logits of each row (b, V), the cache, and which cached positions hold real tokens
+        (b, L) bool: the key mask, which grows by one column per generated token.
     """
-    cache = DynamicCache(config=decoder_stack(decoder).config)
+    stack = decoder_stack(decoder)
+    cache = DynamicCache(config=stack.config)
+    cache.layers = [_ReservedLayer(room) for _ in cache.layers]
+    real = inputs.attention_mask.bool()  # (b, L)
+    if bool(real.all()):
+        mask = None  # no padding: causal attention needs no mask (sdpa's fastest path)
+    elif _builds_own_masks(stack.config):
+        length = real.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()  # (L, L)
+        # A padding position sees itself, so that no row of the mask is empty (some sdpa kernels give NaN there);
+        # real positions never see padding, so what padding computes reaches no output.
+        diagonal = torch.eye(length, dtype=torch.bool, device=real.device)
+        mask = (causal & real[:, None, None, :]) | diagonal  # (b, 1, L, L)
+    else:
+        mask = inputs.attention_mask
     logits = decoder(
         inputs_embeds=inputs.inputs_embeds,
-        attention_mask=inputs.attention_mask,
+        attention_mask=mask,
         position_ids=inputs.position_ids,
         use_cache=True,
         logits_to_keep=1,
         **{_cache_keyword(decoder): cache},
     ).logits[:, -1]  # (b, V)
-    return logits, cache
+    return logits, cache, real
 
 
 @torch.no_grad()
@@ -103,11 +128,11 @@ def greedy_from_inputs(
     """
     embed = decoder.get_input_embeddings()
     cache_kw = _cache_keyword(decoder)
-    logits, cache = prefill(decoder, inputs)
-    mask = inputs.attention_mask  # (b, L)
+    own_masks = _builds_own_masks(decoder_stack(decoder).config)
+    logits, cache, real = prefill(decoder, inputs, room=max_new_tokens)
     next_position = inputs.position_ids[:, -1] + 1  # (b,)
-    rows = mask.shape[0]
-    active = torch.arange(rows, device=mask.device)  # rows of the original batch still decoding
+    rows = real.shape[0]
+    active = torch.arange(rows, device=real.device)  # rows of the original batch still decoding
     outputs: list[list[int]] = [[] for _ in range(rows)]
     for step in range(max_new_tokens):
         tokens = logits.argmax(dim=-1)  # (b,)
@@ -120,16 +145,16 @@ def greedy_from_inputs(
         if not bool(going.all()):
             keep_rows = torch.nonzero(going).squeeze(1)
             cache.batch_select_indices(keep_rows)
-            active, tokens, mask, next_position = (
+            active, tokens, real, next_position = (
                 active[keep_rows],
                 tokens[keep_rows],
-                mask[keep_rows],
+                real[keep_rows],
                 next_position[keep_rows],
             )
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (b, L+1)
+        real = torch.cat([real, real.new_ones(real.shape[0], 1)], dim=1)  # (b, L+1)
         logits = decoder(
             inputs_embeds=embed(tokens)[:, None],  # (b, 1, D)
-            attention_mask=mask,
+            attention_mask=_step_mask(real, own_masks),
             position_ids=next_position[:, None],
             use_cache=True,
             **{cache_kw: cache},
@@ -142,3 +167,68 @@ def _cache_keyword(decoder) -> str:
     # transformers renamed `past_key_values` to `cache`; the base model's signature says which one it takes.
     stack = decoder_stack(decoder)
     return "cache" if "cache" in inspect.signature(stack.forward).parameters else "past_key_values"
+
+
+def _step_mask(real: torch.Tensor, own_masks: bool) -> torch.Tensor | None:
+    # A generated token sees every real position before it: its mask is the key mask.
+    if bool(real.all()):
+        return None
+    return real[:, None, None, :] if own_masks else real.long()
+
+
+def _builds_own_masks(config) -> bool:
+    # Masks built here, once per batch and extended per step, spare transformers from rebuilding them from the
+    # padding mask at every step. They are what sdpa takes (bool, True = attend) and hold for full attention
+    # only: another attention implementation or sliding-window layers get the padding mask and build their own.
+    sliding = any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ())
+    return getattr(config, "_attn_implementation", None) == "sdpa" and not sliding
+
+
+class _ReservedLayer(DynamicLayer):
+    """One layer's KV cache in buffers with room reserved for the tokens to come.
+
+    `DynamicLayer` concatenates at every step, copying the whole cache; this layer writes the new positions
+    into its buffers and returns views of the filled part. Past the reserve it grows by doubling.
+    """
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = room
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new = key_states.shape[-2]
+        if not self.is_initialized:
+            self.device = key_states.device
+            self._keys = key_states.new_empty(_with_length(key_states, new + self.room))
+            self._values = value_states.new_empty(_with_length(value_states, new + self.room))
+            self.is_initialized = True
+        elif self.length + new > self._keys.shape[-2]:
+            self._keys = self._grown(self._keys, self.length + new)
+            self._values = self._grown(self._values, self.length + new)
+        self._keys[..., self.length : self.length + new, :] = key_states
+        self._values[..., self.length : self.length + new, :] = value_states
+        self.length += new
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self._keys[..., : self.length, :]
+        self.values = self._values[..., : self.length, :]
+
+    def _grown(self, buffer: torch.Tensor, needed: int) -> torch.Tensor:
+        grown = buffer.new_empty(_with_length(buffer, max(needed, 2 * buffer.shape[-2])))
+        grown[..., : self.length, :] = buffer[..., : self.length, :]
+        return grown
+
+
+def _with_length(states: torch.Tensor, length: int) -> tuple[int, ...]:
+    return (*states.shape[:-2], length, states.shape[-1])

@@ -30,7 +30,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +71,15 @@ class TrainResult:
             mean over the target tokens of the global batch, the same on every rank.
         checkpoint: The last checkpoint written (or resumed from); None without an output directory.
         resumed_from: Step the run resumed from; 0 for a fresh run.
+        skipped: `(where, reason)` of the samples left out (a `SpeechDataset.for_training()` under `skip`
+            reports them): at load time, and those training met, before a resume too and on every rank.
     """
 
     steps: int
     losses: list[float]
     checkpoint: Path | None
     resumed_from: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def train(
@@ -102,7 +105,8 @@ def train(
 
     Args:
         model: The SpeechLLM; its trainable parameters (projector, LoRA, healing adapters) are updated in place.
-        samples: Items with `.audio` (mono 16 kHz float32 waveform) and `.target(task)` (the target text).
+        samples: Items with `.audio` (mono 16 kHz float32 waveform) and `.target(task)` (the target text); if
+            it has a `skipped` list (`SpeechDataset.for_training()`), the result reports what it holds.
         cfg: Steps, batch size (per process), optimiser, schedule, seed, checkpoint and logging intervals, task.
         out_dir: Directory for `checkpoints/` (under DDP only rank 0 reads and writes it; the other ranks get what
             it read); None trains without checkpoints.
@@ -127,7 +131,9 @@ def train(
     device = next(iter(params.values())).device
     group = _Group.current(device)
     ckpt_root = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
-    checkpoint, losses = _resume(ckpt_root, params, optimizer, cfg, group) if ckpt_root is not None else (None, [])
+    checkpoint, losses, skipped = (
+        _resume(ckpt_root, params, optimizer, cfg, group) if ckpt_root is not None else (None, [], [])
+    )
     resumed_from = len(losses)
     if checkpoint is None:
         _seed_everything(_rank_seed(cfg.seed, group.rank))
@@ -163,10 +169,21 @@ def train(
             if step % cfg.log_every == 0:
                 tracker.log_metrics({"train.loss": float(np.mean(losses[-cfg.log_every :])), "train.lr": lr}, step=step)
             if ckpt_root is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                checkpoint = _save_checkpoint(ckpt_root, step, params, optimizer, cfg, losses, group)
+                skipped = _skipped(samples, skipped, group)
+                checkpoint = _save_checkpoint(ckpt_root, step, params, optimizer, cfg, losses, skipped, group)
     finally:
         model.eval()
-    return TrainResult(steps=len(losses), losses=losses, checkpoint=checkpoint, resumed_from=resumed_from)
+    skipped = _skipped(samples, skipped, group)
+    return TrainResult(len(losses), losses, checkpoint, resumed_from, skipped)
+
+
+def _skipped(samples: Sequence, earlier: list[tuple[str, str]], group: _Group) -> list[tuple[str, str]]:
+    """What every rank's samples report as left out, after what was reported `earlier`; each once."""
+    reported = group.gather([tuple(item) for item in getattr(samples, "skipped", ())])
+    merged = dict.fromkeys(tuple(item) for item in earlier)
+    for items in reported:
+        merged.update(dict.fromkeys(items))
+    return list(merged)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -301,8 +318,11 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     group: _Group,
-) -> tuple[Path | None, list[float]]:
-    """Load the newest readable checkpoint under `root` into params, optimizer and RNGs; return it and its losses."""
+) -> tuple[Path | None, list[float], list[tuple[str, str]]]:
+    """Load the newest readable checkpoint under `root` into params, optimizer and RNGs.
+
+    Returns it, its losses and the samples it had recorded as skipped (none in a fresh run).
+    """
     # Resume precedence (rank 0 decides and reads; every rank loads what rank 0 read, so all resume alike):
     # 1. the newest `step-*` checkpoint whose state.json, trainable.safetensors and optimizer.pt all read;
     # 2. an unreadable one is skipped with a warning and the next older one is tried; once one loads, the
@@ -320,7 +340,7 @@ def _resume(
     if isinstance(found, BaseException):
         raise found
     if found is None:
-        return None, []
+        return None, [], []
     path, state, tensors, optim_state = found
     with torch.no_grad():
         for name, p in params.items():
@@ -328,7 +348,8 @@ def _resume(
     optimizer.load_state_dict(optim_state)
     _set_rng_states(state["rng"][group.rank])
     log.info("resumed from %s", path)
-    return path, list(state["losses"])
+    # Checkpoints written before `skipped` was saved have none.
+    return path, list(state["losses"]), [tuple(item) for item in state.get("skipped", [])]
 
 
 def _read_newest(
@@ -409,6 +430,7 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     losses: list[float],
+    skipped: list[tuple[str, str]],
     group: _Group,
 ) -> Path:
     """Write `root/step-{step:06d}` through a temporary directory and a rename; keep the newest two.
@@ -423,7 +445,14 @@ def _save_checkpoint(
         tmp.mkdir(parents=True)
         save_file({name: p.detach().cpu().contiguous() for name, p in params.items()}, tmp / TRAINABLE_FILE)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        state = {"step": step, "losses": losses, "cfg": _cfg_dict(cfg), "world_size": group.world, "rng": rng}
+        state = {
+            "step": step,
+            "losses": losses,
+            "cfg": _cfg_dict(cfg),
+            "world_size": group.world,
+            "rng": rng,
+            "skipped": [list(item) for item in skipped],
+        }
         (tmp / STATE_FILE).write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

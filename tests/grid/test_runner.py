@@ -7,6 +7,7 @@ logical GPUs serve the whole module; the grid's cells run for real, only their s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import yaml
 from mlflow.tracking import MlflowClient
 
 from grid.cells import Cell, expand
@@ -199,6 +201,37 @@ def test_a_failed_cell_blocks_its_dependents_and_reruns_in_the_same_run(world, r
     assert len(runs) == 5
     rerun = next(run for run in runs if run.data.tags["cell_kind"] == "path")
     assert rerun.info.run_id == status["path"].run_id and "error" not in rerun.data.tags
+
+
+def test_a_train_cell_skips_bad_audio_under_skip_and_reports_it(world, ray_cluster):
+    lines = (world / "train.jsonl").read_text().splitlines()
+    (world / "audio" / "broken.flac").write_bytes(np.random.default_rng(1).bytes(3000))
+    broken = json.dumps({"id": "broken", "audio": "audio/broken.flac", "text": "a broken file", "translation": "x"})
+    (world / "train-broken.jsonl").write_text("\n".join([*lines[:3], broken, *lines[3:]]) + "\n")
+    path = write_experiment(
+        world, "broken-audio", [{k: v for k, v in STUDIES[0].items() if k != "healing"} | {"depths": []}]
+    )
+    experiment = yaml.safe_load(path.read_text())
+    experiment["tasks"]["asr"]["train"] = {
+        "source": "manifest",
+        "path": str(world / "train-broken.jsonl"),
+        "on_bad_sample": "skip",
+    }
+    experiment["defaults"]["train"] = {**experiment["defaults"]["train"], "steps": 6}  # 12 of 9: every sample
+    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    uri = f"sqlite:///{world}/mlflow.db"
+
+    report = run_experiment(path, tracking_uri=uri, workdir=world / "out")
+
+    assert report.failed == []
+    train = next(run for run in cell_runs(uri, "broken-audio") if run.data.tags["cell_kind"] == "train")
+    assert train.data.metrics["train.skipped"] == 1
+    local = MlflowClient(uri).download_artifacts(train.info.run_id, "train_skipped.json", str(world))
+    listed = json.loads(Path(local).read_text())
+    assert [where for where, _ in listed] == [
+        f"{world / 'train-broken.jsonl'} line 4 ({world / 'audio' / 'broken.flac'})"
+    ]
+    assert "cannot decode audio" in listed[0][1]
 
 
 @pytest.mark.slow

@@ -483,3 +483,34 @@ def test_texts_come_from_the_metadata_without_decoding_audio(bad_manifest):
     assert ds.texts() == ["one", "x", "three"]
     with pytest.raises(BadInputError, match="cannot decode audio"):
         list(ds.samples())
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_training_view_replaces_bad_audio_with_the_next_readable_sample_under_skip(tmp_path, policy):
+    write_audio(tmp_path / "ok.flac", 0.5)
+    (tmp_path / "bad.flac").write_bytes(np.random.default_rng(0).bytes(2000))
+    records = [{"audio": name, "text": text} for name, text in (("ok.flac", "a"), ("bad.flac", "b"), ("ok.flac", "c"))]
+    records.append({"audio": "bad.flac", "text": "d"})  # the last one is bad too: its next readable one wraps round
+    ds = load_dataset(manifest_config(write_manifest(tmp_path / "m.jsonl", records), on_bad_sample=policy))
+    view = ds.for_training()
+    assert len(view) == 4
+    if policy == "error":
+        assert view[0].text == "a"
+        with pytest.raises(BadInputError, match=r"m\.jsonl line 2.*bad\.flac"):
+            view[1]
+        return
+    assert [view[i].text for i in range(4)] == ["a", "c", "c", "a"]
+    assert [view[i].text for i in range(4)] == ["a", "c", "c", "a"]  # the same again, each bad one recorded once
+    manifest, bad = tmp_path / "m.jsonl", tmp_path / "bad.flac"
+    assert [where for where, _ in view.skipped] == [f"{manifest} line 2 ({bad})", f"{manifest} line 4 ({bad})"]
+    assert all("cannot decode audio" in reason for _, reason in view.skipped)
+    assert view.skipped == ds.skipped
+
+
+def test_training_view_with_no_readable_audio_is_an_error(tmp_path):
+    (tmp_path / "bad.flac").write_bytes(np.random.default_rng(0).bytes(2000))
+    records = [{"audio": "bad.flac", "text": "a"}, {"audio": "bad.flac", "text": "b"}]
+    ds = load_dataset(manifest_config(write_manifest(tmp_path / "m.jsonl", records), on_bad_sample="skip"))
+    with pytest.raises(BadInputError, match="none of the 2 samples has readable audio"):
+        ds.for_training()[0]
+    assert len(ds.skipped) == 2

@@ -79,3 +79,63 @@ def test_decode_returns_text_in_input_order_and_restores_train_mode(model, waves
     ids = _one_by_one(model, waves, LIMIT)
     assert texts == [model.tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
     assert model.training and model.projector.training
+
+
+def test_own_masks_match_the_masks_transformers_builds(model, waves, monkeypatch):
+    import slam.decode as decode
+
+    inputs = model.decoder_inputs(waves[:5], None, "left")
+    assert not bool(inputs.attention_mask.bool().all())  # the batch is padded
+    with torch.no_grad():
+        own_logits = decode.prefill(model.decoder, inputs)[0]
+        own = decode.greedy_from_inputs(model.decoder, inputs, eos_id=-1, max_new_tokens=LIMIT)
+        monkeypatch.setattr(decode, "_builds_own_masks", lambda config: False)
+        hf_logits = decode.prefill(model.decoder, inputs)[0]
+        hf = decode.greedy_from_inputs(model.decoder, inputs, eos_id=-1, max_new_tokens=LIMIT)
+    assert torch.isfinite(own_logits).all()
+    torch.testing.assert_close(own_logits, hf_logits, rtol=1e-5, atol=1e-5)
+    assert own == hf
+
+
+def test_eager_attention_decodes_through_the_padding_mask(model, waves):
+    from slam.decode import _builds_own_masks
+    from slam.model import decoder_stack
+
+    model.decoder.set_attn_implementation("eager")
+    assert not _builds_own_masks(decoder_stack(model.decoder).config)
+    batched = greedy_token_ids(model, waves, DecodeConfig(batch_size=4, max_new_tokens=LIMIT))
+    assert batched == _one_by_one(model, waves, LIMIT)
+
+
+def test_sliding_window_layers_get_the_masks_transformers_builds():
+    from transformers import Qwen2Config
+
+    from slam.decode import _builds_own_masks
+
+    full = Qwen2Config(num_hidden_layers=2)
+    sliding = Qwen2Config(num_hidden_layers=2, layer_types=["full_attention", "sliding_attention"])
+    for config in (full, sliding):
+        config._attn_implementation = "sdpa"
+    assert _builds_own_masks(full)
+    assert not _builds_own_masks(sliding)
+
+
+def test_reserved_cache_equals_a_concatenating_cache():
+    from transformers.cache_utils import DynamicLayer
+
+    from slam.decode import _ReservedLayer
+
+    torch.manual_seed(0)
+    reserved, plain = _ReservedLayer(room=2), DynamicLayer()
+    chunks = [torch.randn(3, 2, n, 4) for n in (5, 1, 1, 1, 1)]  # the last two steps pass the reserve
+    for i, chunk in enumerate(chunks):
+        if i == 2:  # a row finished: both keep rows 0 and 2
+            for layer in (reserved, plain):
+                layer.batch_select_indices(torch.tensor([0, 2]))
+        chunk = chunk if i < 2 else chunk[[0, 2]]
+        got = reserved.update(chunk, -chunk)
+        want = plain.update(chunk, -chunk)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert reserved.get_seq_length() == plain.get_seq_length()
+    assert reserved.get_seq_length() == 9
+    assert reserved._keys.shape[-2] >= 9  # it grew past the reserve of 5 + 2

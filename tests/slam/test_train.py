@@ -298,6 +298,56 @@ def test_bad_inputs_are_named(build, samples):
         train(model, samples, CFG)
 
 
+def _manifest_dataset(directory: Path, samples, bad: int, policy: str):
+    """The samples as a manifest of FLAC files, sample `bad`'s file corrupt."""
+    import soundfile as sf
+
+    from slam.config import DataConfig
+    from slam.data import load_dataset
+
+    directory.mkdir(exist_ok=True)
+    lines = []
+    for i, sample in enumerate(samples):
+        audio = directory / f"{i}.flac"
+        if i == bad:
+            audio.write_bytes(np.random.default_rng(0).bytes(3000))
+        else:
+            sf.write(audio, sample.audio, 16_000, format="FLAC")
+        lines.append(json.dumps({"audio": audio.name, "text": sample.text, "translation": sample.translation}))
+    (directory / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return load_dataset(DataConfig(source="manifest", path=str(directory / "train.jsonl"), on_bad_sample=policy))
+
+
+def test_bad_audio_is_an_error_naming_the_file_unless_skipped(build, samples, tmp_path):
+    cfg = replace(CFG, steps=4)
+    bad = batch_indices(1, cfg, len(samples))[0]
+    with pytest.raises(BadInputError, match=rf"train\.jsonl line {bad + 1} .*{bad}\.flac.*cannot decode audio"):
+        train(build(), _manifest_dataset(tmp_path / "data", samples, bad, "error").for_training(), cfg)
+
+
+def test_skipped_bad_audio_is_replaced_and_reported_across_a_resume(build, samples, tmp_path):
+    cfg = replace(CFG, steps=4, checkpoint_every=2)
+    # A sample of step 1 that steps 3 and 4 (run again after resuming from step 2) do not meet: only the
+    # checkpoint can tell the resumed run that training left it out.
+    batches = {step: batch_indices(step, cfg, len(samples)) for step in (1, 3, 4)}
+    bad = min(set(batches[1]) - set(batches[3]) - set(batches[4]))
+    data = tmp_path / "data"
+    full = train(build(), _manifest_dataset(data, samples, bad, "skip").for_training(), cfg, tmp_path / "full")
+    assert len(full.skipped) == 1
+    where, reason = full.skipped[0]
+    assert where.endswith(f"train.jsonl line {bad + 1} ({data / f'{bad}.flac'})") and "cannot decode audio" in reason
+    assert len(full.losses) == 4 and all(np.isfinite(full.losses))
+
+    view = _manifest_dataset(data, samples, bad, "skip").for_training()
+    first = train(build(), view, cfg, tmp_path / "split", stop_after=3)
+    assert first.skipped == full.skipped
+    fresh = _manifest_dataset(data, samples, bad, "skip")
+    second = train(build(), fresh.for_training(), cfg, tmp_path / "split")
+    assert second.resumed_from == 2 and fresh.skipped == []  # the resumed steps never read the bad file
+    assert second.skipped == full.skipped
+    assert second.losses == full.losses
+
+
 def test_a_checkpoint_written_before_ddp_support_resumes(build, samples, tmp_path):
     cfg = replace(CFG, steps=2)
     full = train(build(), samples, cfg, tmp_path)
