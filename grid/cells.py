@@ -4,12 +4,14 @@ Kinds, in execution order:
 
 - `train`: baseline projector training of one (model, task); with `train_workers: W > 1` in its config,
   DDP in W processes (the global batch is `train.batch_size * W`).
-- `path`: the distance matrix and optimal pruning path of one (model, task, source): `speech` measures
-  the trained SpeechLLM (depends on its `train` cell) on the task's dev sets; `text` runs the
-  pretrained decoder alone (without any LoRA of the SpeechLLM) on the transcripts of those sets.
+- `path`: the distance matrix and optimal pruning path of one (model, task, source, convention): `speech`
+  measures the trained SpeechLLM (depends on its `train` cell) on the task's dev sets; `text` runs the
+  pretrained decoder alone (without any LoRA of the SpeechLLM) on the transcripts of those sets; the path
+  follows the block convention (`paper` or `gromov`, `slam.redundancy`).
 - `eval`: baseline WER or BLEU of a `train` cell on the study task's evaluation sets.
 - `prune`: one (model, path, n, healing) of a study: prune the `train` cell's SpeechLLM along the
-  `path` cell's path, heal it, evaluate it.
+  `path` cell's path, heal it, evaluate it. Healing runs in one process on the baseline training's global
+  batch: its `heal_train.batch_size` is the file's `batch_size` times `train_workers` (the paper: 8 x 2).
 - `summary`: one per study; depends on every path, eval and prune cell of the study.
 
 A cell's `config` is everything that determines its result, as plain JSON data, including the ids of
@@ -115,14 +117,14 @@ class _Grid:
         for model_name in study.models:
             model = self.exp.models[model_name]
             refs = [study.resolve(spec, model_name) for spec in study.paths]
-            model_paths = [self.path(self.exp.models[r.model], self.exp.tasks[r.task], r.source, study) for r in refs]
+            model_paths = [self.path(self.exp.models[r.model], self.exp.tasks[r.task], r, study) for r in refs]
             paths += model_paths
             if study.measures_only:
                 continue
             train = self.train(model, task, study)
             evals.append(self.eval(model, task, train, study))
             for ref, path in zip(refs, model_paths):
-                for n in study.depths_for(model.layers):
+                for n in study.depths_for(model.layers, ref.convention):
                     for healing in study.healing:
                         prunes.append(self.prune(model, task, train, path, ref, n, healing, study))
         deps = _unique(paths + evals + prunes)
@@ -146,23 +148,21 @@ class _Grid:
             config["train_workers"] = self.exp.train_workers
         return self.add("train", config, (), {"model": model.name, "task": task.name}, study)
 
-    def path(self, model: ModelSpec, task: TaskSpec, source: str, study: Study) -> str:
-        tags = {"model": model.name, "task": task.name, "path.source": source}
-        dev = {name: to_dict(data) for name, data in task.dev.items()}
-        distance = to_dict(self.exp.distance)
-        if source == "text":
+    def path(self, model: ModelSpec, task: TaskSpec, ref: PathSpec, study: Study) -> str:
+        tags = {"model": model.name, "task": task.name, "path.source": ref.source, "path.convention": ref.convention}
+        common = {
+            "source": ref.source,
+            "convention": ref.convention,
+            "dev": {name: to_dict(data) for name, data in task.dev.items()},
+            "distance": to_dict(self.exp.distance),
+        }
+        if ref.source == "text":
             # The pretrained LLM alone: a SpeechLLM's LoRA is trained with it, so it has no part in text paths.
             decoder = to_dict(replace(model.decoder, lora=None))
-            config = {"source": source, "decoder": decoder, "layers": model.layers, "dev": dev, "distance": distance}
+            config = {**common, "decoder": decoder, "layers": model.layers}
             return self.add("path", config, (), tags, study)
         train = self.train(model, task, study)
-        config = {
-            "source": source,
-            **self.speech_llm(model, task),
-            "dev": dev,
-            "distance": distance,
-            "train_cell": train,
-        }
+        config = {**common, **self.speech_llm(model, task), "train_cell": train}
         return self.add("path", config, (train,), tags, study)
 
     def eval(self, model: ModelSpec, task: TaskSpec, train: str, study: Study) -> str:
@@ -198,9 +198,11 @@ class _Grid:
             "path_cell": path,
         }
         if healing != "none":
-            # Healing trains on the task's training set with the training hyperparameters (paper 3.3).
+            # Healing trains on the task's training set with the training hyperparameters (paper 3.3), the global
+            # batch included: in one process, on `batch_size` times the baseline's DDP processes per step.
             config["data"] = to_dict(task.train)
-            config["heal_train"] = to_dict(replace(model.heal_train, task=task.task))
+            batch = model.heal_train.batch_size * self.exp.train_workers
+            config["heal_train"] = to_dict(replace(model.heal_train, task=task.task, batch_size=batch))
         tags = {
             "model": model.name,
             "task": task.name,
@@ -210,6 +212,7 @@ class _Grid:
             "path.source": ref.source,
             "path.task": str(ref.task),
             "path.model": str(ref.model),
+            "path.convention": ref.convention,
         }
         return self.add("prune", config, (train, path), tags, study)
 

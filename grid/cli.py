@@ -45,7 +45,7 @@ def cmd_path(args: argparse.Namespace) -> int:
 
     from slam.config import DecoderConfig, DistanceConfig
     from slam.model import load_decoder, load_speech_llm
-    from slam.redundancy import pruning_path, speech_layer_distances, text_layer_distances
+    from slam.redundancy import path_report, speech_layer_distances, text_layer_distances
 
     hf_logging.disable_progress_bar()
     cfg = DistanceConfig(batch_size=args.batch_size, max_samples=args.max_samples, max_length=args.max_length)
@@ -64,18 +64,11 @@ def cmd_path(args: argparse.Namespace) -> int:
         model, _ = load_speech_llm(args.model)
         pooled = replace(cfg, max_samples=None)
         result = speech_layer_distances(model.to(device).eval(), _speech_pairs(sets, args.task), pooled)
-    report = {
-        "model": args.model,
-        "n_layers": result.n_layers,
-        "source": "text" if args.text else "speech",
-        "num_samples": result.num_samples,
-        "distance": result.distance.tolist(),
-        "path": [step.to_dict() for step in pruning_path(result.distance)],
-    }
+    report = path_report(args.model, result, "text" if args.text else "speech", args.convention)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{args.model}: {result.n_layers} layers, {result.num_samples} samples -> {out}")
+    print(f"{args.model}: {result.n_layers} layers, {result.num_samples} samples, {args.convention} path -> {out}")
     return 0
 
 
@@ -200,6 +193,12 @@ def _parser() -> argparse.ArgumentParser:
     path.add_argument("--max-samples", type=int, default=None, help="use only the first N samples (of each set)")
     path.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     path.add_argument("--max-length", type=int, default=512, help="truncate each sample to this many tokens")
+    path.add_argument(
+        "--convention",
+        choices=("paper", "gromov"),
+        default="paper",
+        help="block convention of the path: paper (eq. 2, block n removes n-1 layers) or gromov (n layers)",
+    )
     path.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     path.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     path.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")

@@ -19,7 +19,8 @@ models:                     # named backbones
 tasks:                      # named tasks
   NAME: {task: asr|ast, prompt: ..., train: {DataConfig}, dev: {SET: {DataConfig}}, eval: {SET: {DataConfig}}}
 studies:                    # grid blocks
-  - {name, task, models: [...], paths: [{source: speech|text, task?, model?}], depths: all|[n...], healing: [...]}
+  - {name, task, models: [...], paths: [{source: speech|text, task?, model?, convention?}], depths: all|[n...],
+     healing: [...]}
 ```
 
 Conventions:
@@ -33,12 +34,17 @@ Conventions:
   in a `train` block, nor `heal.strategy` (set by the healing axis).
 - `train_workers` (W, default 1) trains every baseline projector with DDP in W processes (Ray Train),
   each on `train.batch_size` samples per step: the global batch is `batch_size * W` (the paper: 8 per
-  GPU on 2 GPUs). It is part of each `train` cell's config, so changing it retrains. Healing runs in one
-  process.
+  GPU on 2 GPUs). It is part of each `train` cell's config, so changing it retrains. Healing uses the same
+  global batch (paper 3.3: "the same hyperparameters"), in one process: a prune cell's `heal_train.batch_size`
+  is `batch_size * W`, which DDP matches up to floating-point summation order (`slam.train`).
 - `layers` (m) is required so that depths expand without loading a model; the run checks it against
   the model's config.
 - A study with `depths: []` only measures pruning paths (Figure 1's heatmaps): no baseline evaluation,
   no pruned cells, and no `healing`.
+- A path's `convention` is `paper` (default: eq. 2, block n removes the n-1 layers l*+1..l*+n-1, n = 2..m-1) or
+  `gromov` (Gromov et al., PruneMe: block n removes the n layers l*+1..l*+n that D[l][l+n] spans, n = 1..m-2);
+  see `slam.redundancy`. A depth n is the block size of D[l][l+n] in either; `all` is every n of the path's
+  convention.
 - A path `{source: speech}` comes from the study's own trained SpeechLLM on its task's dev sets;
   `task` and `model` point elsewhere (`{source: speech, task: asr, model: qwen2.5-7b}` in an AST
   study is the ASR-derived path) and the model must have the same depth. `{source: text}` is a
@@ -46,9 +52,16 @@ Conventions:
 - `base: paper.yaml` (relative to the file) takes `defaults`, `models` and `tasks` from another
   experiment file; the file then holds only `name`, `base` and its own `studies`, so the per-table
   files cannot drift from the whole study.
-- Paths inside configs (manifests, local model directories) are kept as written: relative ones are
-  relative to the working directory of the run (the repository root), and nothing has to exist at
-  load time; only the run reads them.
+- Local paths. A model's `name` (encoder or decoder) and a data set's `path` are local when written
+  `./x`, `../x`, `/x` or `~/x`; a manifest's `path` always is. Anything else is a hub id (`org/name`: a
+  name with two or more `/` that is not written as a local path is an error, not a hub id). A relative
+  local path is relative to the directory of the file that holds it (for `base:` files, the base file's),
+  whatever directory `slamgrid run` runs from. Cells keep the paths as written, so their ids do not depend
+  on where the repository sits; each process resolves them when it runs a cell (`resolve_paths`), against
+  the experiment's directory: given relative to the job's working directory when the file is inside it
+  (under `ray job submit --working-dir .` each node has its own copy there), absolute otherwise.
+  `load_experiment` checks none of them exist (status and summaries need no data); `missing_paths`
+  lists those that do not, which `slamgrid run` reports before any cell starts.
 
 Every mistake raises `BadInputError` (a `ValueError`) naming the file, the dotted key path and the
 bad value, e.g. `experiments/x.yaml: studies[1].healing[0]='all' is not allowed: expected one of none,
@@ -57,8 +70,9 @@ decoder, projector, decoder+projector`.
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,6 +80,7 @@ import yaml
 
 from slam.config import (
     HEAL_STRATEGIES,
+    PATH_CONVENTIONS,
     TASKS,
     DataConfig,
     DecodeConfig,
@@ -75,6 +90,7 @@ from slam.config import (
     HealConfig,
     ProjectorConfig,
     TrainConfig,
+    depth_range,
     from_dict,
 )
 from slam.errors import BadInputError
@@ -90,7 +106,8 @@ _DEFAULT_KEYS = ("projector", "train", "heal", "heal_train", "decode", "distance
 _MODEL_KEYS = ("encoder", "decoder", "layers", "train", "heal_train")
 _TASK_KEYS = ("task", "prompt", "train", "dev", "eval")
 _STUDY_KEYS = ("name", "task", "models", "paths", "depths", "healing")
-_PATH_KEYS = ("source", "task", "model")
+_PATH_KEYS = ("source", "task", "model", "convention")
+_LOCAL_PREFIXES = ("./", "../", "/", "~")
 # Names become MLflow tags, metric keys (`wer/test-clean`) and directory names.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NAME_RULE = "a name of letters, digits, '.', '_' and '-'"
@@ -142,6 +159,8 @@ class PathSpec:
     """Task whose dev sets (and, for speech, whose SpeechLLM) give the path; None: the study's task."""
     model: str | None = None
     """Model that gives the path; None: each model of the study, its own."""
+    convention: str = "paper"
+    """Block convention: `paper` (eq. 2, n-1 layers removed per block n) or `gromov` (n layers removed)."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +176,8 @@ class Study:
     paths: tuple[PathSpec, ...]
     """Pruning paths applied to each model."""
     depths: tuple[int, ...] | str
-    """Block sizes n (n - 1 layers removed), or `all` for n = 2..m-1 of each model; () measures paths only."""
+    """Block sizes n of D[l][l+n], or `all` for every n of each path's convention (n = 2..m-1 for `paper`, whose
+    block n removes n - 1 layers); () measures paths only."""
     healing: tuple[str, ...]
     """Healing strategies: `none`, `decoder`, `projector`, `decoder+projector`; () when there are no depths."""
 
@@ -166,13 +186,27 @@ class Study:
         """Whether the study only measures pruning paths (no evaluation, no pruned cells)."""
         return self.depths == ()
 
-    def depths_for(self, layers: int) -> tuple[int, ...]:
-        """The block sizes n of this study for a model with `layers` decoder layers (m)."""
-        return tuple(range(2, layers)) if self.depths == ALL_DEPTHS else tuple(self.depths)
+    def depths_for(self, layers: int, convention: str = "paper") -> tuple[int, ...]:
+        """The block sizes n of this study on a path of `convention` for a model with `layers` decoder layers (m)."""
+        return tuple(depth_range(layers, convention)) if self.depths == ALL_DEPTHS else tuple(self.depths)
 
     def resolve(self, path: PathSpec, model: str) -> PathSpec:
         """`path` with its task and model filled in for `model` of this study."""
-        return PathSpec(source=path.source, task=path.task or self.task, model=path.model or model)
+        return replace(path, task=path.task or self.task, model=path.model or model)
+
+
+@dataclass(frozen=True)
+class LocalPath:
+    """A local path of an experiment file (a model directory, a manifest, a data set directory)."""
+
+    file: str
+    """The file that holds it."""
+    where: str
+    """Its dotted key path in that file, e.g. `models.tiny-qwen.encoder.name`."""
+    written: str
+    """The value as written."""
+    resolved: Path
+    """The absolute path it stands for."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +217,11 @@ class Experiment:
     """MLflow experiment that holds every cell of the file."""
     source: str
     """The file it was loaded from, as given."""
+    root: Path
+    """Absolute directory that relative local paths are relative to: that of the file holding `models` and
+    `tasks` (the base file of a `base:` file)."""
+    local_paths: tuple[LocalPath, ...]
+    """Every local path of the models and tasks, resolved against `root`."""
     projector: ProjectorConfig
     """Projector of every SpeechLLM."""
     heal: HealConfig
@@ -236,6 +275,8 @@ def load_experiment(path: str | Path) -> Experiment:
     return Experiment(
         name=name,
         source=str(path),
+        root=base_parser.root,
+        local_paths=tuple(base_parser.local_paths),
         projector=defaults.projector,
         heal=defaults.heal,
         decode=defaults.decode,
@@ -264,6 +305,56 @@ class _Defaults:
 
 class _StrictLoader(yaml.SafeLoader):
     """The safe loader, rejecting a key written twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def is_local_path(value: str, data_source: str | None = None) -> bool:
+    """Whether an experiment's model name or data path is a local path (see the module docstring).
+
+    Args:
+        value: A model's `name` or a data set's `path`.
+        data_source: The data set's `source` (a manifest path is always local); None for a model name.
+    """
+    return data_source == "manifest" or value.startswith(_LOCAL_PREFIXES)
+
+
+def resolve_paths(config: Any, root: str | Path) -> Any:
+    """A cell config (or any part of one) with every relative local path made absolute against `root`.
+
+    Local paths are found where configs hold them: the `name` of an `encoder` or `decoder` mapping and the `path`
+    of a data set mapping (one with a `source`); hub ids and absolute paths are left as they are.
+
+    Args:
+        config: JSON-ready data, e.g. `Cell.config`.
+        root: The experiment's directory (`Experiment.root`), or that directory relative to the current one.
+
+    Returns:
+        A copy with the paths resolved; `config` itself is not changed.
+    """
+    base = Path(os.path.abspath(root))
+    if isinstance(config, list):
+        return [resolve_paths(item, base) for item in config]
+    if not isinstance(config, dict):
+        return config
+    resolved = {}
+    for key, value in config.items():
+        value = resolve_paths(value, base)
+        if key in ("encoder", "decoder") and isinstance(value, dict) and isinstance(value.get("name"), str):
+            value = {**value, "name": _resolved(value["name"], base, None)}
+        resolved[key] = value
+    if isinstance(config.get("source"), str) and isinstance(config.get("path"), str):
+        resolved["path"] = _resolved(config["path"], base, config["source"])
+    return resolved
+
+
+def missing_paths(exp: Experiment) -> list[LocalPath]:
+    """The local paths of an experiment that do not exist (on this machine)."""
+    return [path for path in exp.local_paths if not path.resolved.exists()]
+
+
+def _resolved(value: str, root: Path, data_source: str | None) -> str:
+    if not is_local_path(value, data_source):
+        return value
+    return os.path.normpath(root / os.path.expanduser(value))
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
@@ -306,6 +397,8 @@ class _Parser:
 
     def __init__(self, file: str) -> None:
         self.file = file
+        self.root = Path(os.path.abspath(file)).parent
+        self.local_paths: list[LocalPath] = []
 
     def defaults(self, raw: Any) -> _Defaults:
         where = "defaults"
@@ -358,11 +451,15 @@ class _Parser:
         self.reserved(heal_train, f"{where}.heal_train")
         merged = {**defaults.train, **train, "seed": defaults.seed}
         healing = {**merged, **defaults.heal_train, **heal_train, "seed": defaults.seed}
+        encoder = self.config(EncoderConfig, raw["encoder"], f"{where}.encoder")
+        decoder = self.config(DecoderConfig, raw["decoder"], f"{where}.decoder")
+        self.location(encoder.name, f"{where}.encoder.name")
+        self.location(decoder.name, f"{where}.decoder.name")
         return ModelSpec(
             name=name,
             layers=layers,
-            encoder=self.config(EncoderConfig, raw["encoder"], f"{where}.encoder"),
-            decoder=self.config(DecoderConfig, raw["decoder"], f"{where}.decoder"),
+            encoder=encoder,
+            decoder=decoder,
             train=self.config(TrainConfig, merged, f"{where}.train"),
             heal_train=self.config(TrainConfig, healing, f"{where}.heal_train" if heal_train else f"{where}.train"),
         )
@@ -383,19 +480,34 @@ class _Parser:
             name=name,
             task=raw["task"],
             prompt=self.string(raw["prompt"], f"{where}.prompt"),
-            train=self.config(DataConfig, raw["train"], f"{where}.train"),
+            train=self.data(raw["train"], f"{where}.train"),
             dev=self.data_sets(raw["dev"], f"{where}.dev"),
             eval=self.data_sets(raw["eval"], f"{where}.eval"),
         )
+
+    def data(self, raw: Any, where: str) -> DataConfig:
+        data = self.config(DataConfig, raw, where)
+        self.location(data.path, f"{where}.path", data.source)
+        return data
+
+    def location(self, value: str, where: str, data_source: str | None = None) -> None:
+        """Record a local path (resolved against this file's directory); reject a path that looks like a hub id."""
+        if is_local_path(value, data_source):
+            resolved = Path(_resolved(value, self.root, data_source))
+            self.local_paths.append(LocalPath(self.file, where, value, resolved))
+        elif value.count("/") >= 2:
+            self.fail(
+                where,
+                value,
+                "a hub id (org/name) or a local path written ./path, ../path (relative to this file's directory), "
+                "/path or ~/path",
+            )
 
     def data_sets(self, raw: Any, where: str) -> dict[str, DataConfig]:
         raw = self.mapping(raw, where)
         if not raw:
             self.fail(where, raw, "at least one named data set")
-        return {
-            self.name(name, f"{where}.{name}"): self.config(DataConfig, spec, f"{where}.{name}")
-            for name, spec in raw.items()
-        }
+        return {self.name(name, f"{where}.{name}"): self.data(spec, f"{where}.{name}") for name, spec in raw.items()}
 
     def studies(self, raw: Any, models: dict[str, ModelSpec], tasks: dict[str, TaskSpec]) -> tuple[Study, ...]:
         if not isinstance(raw, list) or not raw:
@@ -419,7 +531,7 @@ class _Parser:
         for i, path in enumerate(paths):
             for model in names:
                 self.same_depth(path, models[model], models, f"{where}.paths[{i}].model")
-        depths = self.depths(raw["depths"], f"{where}.depths", [models[m] for m in names])
+        depths = self.depths(raw["depths"], f"{where}.depths", [models[m] for m in names], paths)
         healing = self.healing(raw.get("healing", []), f"{where}.healing", measures_only=depths == ())
         return Study(name=name, task=task, models=tuple(names), paths=paths, depths=depths, healing=healing)
 
@@ -430,6 +542,7 @@ class _Parser:
             source=self.choice(raw["source"], f"{where}.source", PATH_SOURCES),
             task=self.choice(raw["task"], f"{where}.task", tuple(tasks)) if "task" in raw else None,
             model=self.choice(raw["model"], f"{where}.model", tuple(models)) if "model" in raw else None,
+            convention=self.choice(raw.get("convention", "paper"), f"{where}.convention", PATH_CONVENTIONS),
         )
 
     def same_depth(self, path: PathSpec, model: ModelSpec, models: dict[str, ModelSpec], where: str) -> None:
@@ -442,18 +555,26 @@ class _Parser:
                 f"a model with as many layers as {model.name} ({model.layers}); it has {other.layers}",
             )
 
-    def depths(self, raw: Any, where: str, models: list[ModelSpec]) -> tuple[int, ...] | str:
+    def depths(
+        self, raw: Any, where: str, models: list[ModelSpec], paths: tuple[PathSpec, ...]
+    ) -> tuple[int, ...] | str:
         if raw == ALL_DEPTHS:
             return ALL_DEPTHS
         if not isinstance(raw, list):
             self.fail(where, raw, f"'{ALL_DEPTHS}' or a list of block sizes n")
         shallowest = min(models, key=lambda model: model.layers)
+        # Every path of the study is cut at every depth: n must be a block of each path's convention.
+        conventions = sorted({path.convention for path in paths}, key=PATH_CONVENTIONS.index)
+        allowed = [depth_range(shallowest.layers, convention) for convention in conventions]
+        low, high = max(r.start for r in allowed), min(r.stop for r in allowed) - 1
         for i, n in enumerate(raw):
-            if not isinstance(n, int) or isinstance(n, bool) or not 2 <= n <= shallowest.layers - 1:
+            if not isinstance(n, int) or isinstance(n, bool) or not low <= n <= high:
                 self.fail(
                     f"{where}[{i}]",
                     n,
-                    f"an integer in 2..{shallowest.layers - 1} ({shallowest.name} has {shallowest.layers} layers)",
+                    f"an integer in {low}..{high} ({shallowest.name} has {shallowest.layers} layers"
+                    + ("" if conventions == ["paper"] else f"; {' and '.join(conventions)} conventions")
+                    + ")",
                 )
         self.unique(raw, where)
         return tuple(raw)

@@ -27,11 +27,13 @@ loads on the parent run. With the default sqlite store concurrent writers wait o
 20 s busy timeout), which is enough for a few local workers; a cluster points `MLFLOW_TRACKING_URI` at an
 `mlflow server` on the head node.
 
-Relative paths in the experiment (models, manifests) resolve against each worker's working directory: the
-driver's for a local Ray, the job's `working_dir` under `ray job submit` (Ray Train's workers are kept there
-too). Each cell works in `workdir/<experiment name>/<cell id>/`, where its training checkpoints survive an
-interruption. Only a DDP cell's rank 0 reads and writes its checkpoints, but a rerun's rank 0 may run on another
-node: on several nodes, `workdir` belongs on a shared filesystem.
+Relative local paths in the experiment (models, manifests) are relative to the experiment file's directory
+(`grid.experiment`), which the driver checks before any cell starts and hands to the workers relative to its
+working directory when the file is inside it: every worker (and Ray Train's, which stay in their working
+directory) resolves it against its own, the driver's on a local Ray, its node's copy of the job's `working_dir`
+under `ray job submit`. Each cell works in `workdir/<experiment name>/<cell id>/`, where its training
+checkpoints survive an interruption. Only a DDP cell's rank 0 reads and writes its checkpoints, but a rerun's
+rank 0 may run on another node: on several nodes, `workdir` belongs on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -54,10 +56,11 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from transformers.utils import logging as hf_logging
 
 from grid.cells import Cell, expand
-from grid.experiment import load_experiment
+from grid.experiment import load_experiment, missing_paths, resolve_paths
 from grid.stages import Backbones, run_cell, train_speech_llm
 from grid.tracking import ERROR_TAG, PENDING, CellRun, CellState, GridStore, store_has_experiment
 from grid.tracking import tracking_uri as resolve_tracking_uri
+from slam.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +176,15 @@ class CellOutcome:
 class CellWorker:
     """A Ray actor that runs cells one at a time, keeping its backbones loaded across them."""
 
-    def __init__(self, uri: str, experiment: str, workdir: str, max_decoders: int | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, workdir: str, root: str, max_decoders: int | None = None) -> None:
         """Open the store and start with no backbone.
 
         Args:
             uri: Tracking URI.
             experiment: MLflow experiment name.
             workdir: `workdir/<experiment name>`; each cell works in its `<cell id>/` below.
+            root: The experiment's directory, absolute or relative to this process's working directory; the
+                cells' relative local paths resolve against it (`grid.experiment.resolve_paths`).
             max_decoders: Decoders kept loaded at most (`Backbones`); None: no limit.
         """
         # Download progress bars would interleave in the driver's log, one per artifact a cell reads.
@@ -187,6 +192,7 @@ class CellWorker:
         hf_logging.disable_progress_bar()
         self.store = GridStore(uri, experiment)
         self.workdir = Path(workdir)
+        self.root = root
         self.backbones = Backbones(max_decoders=max_decoders)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -205,7 +211,7 @@ class CellWorker:
             with self.store.start_cell(cell) as run:
                 run_id = run.run_id
                 run.set_tags({"worker": self.name})
-                run_cell(cell, run, deps, self.store, self.workdir / cell.id, self.backbones)
+                run_cell(cell, run, deps, self.store, self.workdir / cell.id, self.backbones, self.root)
         except Exception as err:  # recorded on the run by `CellRun.__exit__`; the worker goes on
             error = _one_line(err)
         # After the `except` block, so that the traceback no longer holds the cell's model.
@@ -245,6 +251,13 @@ def run_experiment(
         ValueError: More workers, or GPUs, than the Ray cluster has.
     """
     exp = load_experiment(path)
+    missing = missing_paths(exp)
+    if missing:
+        first = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise BadInputError(
+            f"{first.file}: {first.where}={first.written!r}: no such file or directory: {first.resolved}{more}"
+        )
     cells = expand(exp)
     uri = _absolute(resolve_tracking_uri(tracking_uri))
     store = GridStore(uri, exp.name)
@@ -263,7 +276,15 @@ def run_experiment(
         if owns_ray:
             ray.init(address=ray_address, ignore_reinit_error=True)
         try:
-            pool = _Pool(store, Path(workdir).resolve() / exp.name, todo, num_workers, use_gpu, backbones_per_worker)
+            pool = _Pool(
+                store,
+                Path(workdir).resolve() / exp.name,
+                _worker_root(exp.root),
+                todo,
+                num_workers,
+                use_gpu,
+                backbones_per_worker,
+            )
             try:
                 started = pool.run(todo, done)
             finally:
@@ -410,6 +431,7 @@ class _Pool:
         self,
         store: GridStore,
         workdir: Path,
+        root: str,
         cells: Sequence[Cell],
         num_workers: int | None,
         use_gpu: bool | None,
@@ -440,7 +462,7 @@ class _Pool:
             self.trainer_resources = {"CPU": share}
         self.use_gpu = use_gpu
         self.backbones_per_worker = backbones_per_worker
-        self.store, self.workdir = store, workdir
+        self.store, self.workdir, self.root = store, workdir, root
         self.workers: dict[int, ray.actor.ActorHandle] = {}
         """The worker of each slot that has one."""
         self.held: dict[int, frozenset[str]] = {}
@@ -497,7 +519,13 @@ class _Pool:
                     self._stop(slot)
                     free.remove(slot)
                 ref = _train_ddp_cell.options(runtime_env=_KEEP_WORKING_DIR).remote(
-                    cell, self.store.uri, self.store.experiment, str(self.workdir), self.use_gpu, self.trainer_resources
+                    cell,
+                    self.store.uri,
+                    self.store.experiment,
+                    str(self.workdir),
+                    self.root,
+                    self.use_gpu,
+                    self.trainer_resources,
                 )
                 self.trainers[ref] = cell
                 inflight[ref] = _Job(cell, tuple(slots), time.monotonic(), ddp=True)
@@ -563,7 +591,7 @@ class _Pool:
 
     def _start(self, slot: int) -> ray.actor.ActorHandle:
         self.workers[slot] = CellWorker.options(**self.options).remote(
-            self.store.uri, self.store.experiment, str(self.workdir), self.backbones_per_worker
+            self.store.uri, self.store.experiment, str(self.workdir), self.root, self.backbones_per_worker
         )
         self.held[slot] = frozenset()
         self.started_workers += 1
@@ -600,7 +628,7 @@ class _Pool:
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _train_ddp_cell(
-    cell: Cell, uri: str, experiment: str, workdir: str, use_gpu: bool, resources: dict[str, float]
+    cell: Cell, uri: str, experiment: str, workdir: str, root: str, use_gpu: bool, resources: dict[str, float]
 ) -> CellOutcome:
     """Run a DDP train cell through Ray Train, in its run; a failure is recorded there and reported back.
 
@@ -613,6 +641,7 @@ def _train_ddp_cell(
         uri: Tracking URI.
         experiment: MLflow experiment name.
         workdir: `workdir/<experiment name>`; the cell works in its `<cell id>/` below, Ray Train's files too.
+        root: The experiment's directory, as `CellWorker` takes it; each training process resolves against it.
         use_gpu: One GPU per training process (NCCL), else CPUs (gloo).
         resources: What each training process holds: one slot's resources.
 
@@ -631,7 +660,13 @@ def _train_ddp_cell(
             run.set_tags({"worker": name, "train_workers": str(workers)})
             trainer = TorchTrainer(
                 _train_loop,
-                train_loop_config={"config": cell.config, "uri": uri, "run_id": run_id, "workdir": str(cell_dir)},
+                train_loop_config={
+                    "config": cell.config,
+                    "root": root,
+                    "uri": uri,
+                    "run_id": run_id,
+                    "workdir": str(cell_dir),
+                },
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
                 run_config=RunConfig(
                     name="ray-train", storage_path=str(cell_dir), failure_config=FailureConfig(max_failures=0)
@@ -662,7 +697,8 @@ def _train_loop(config: dict) -> None:
     # Ray Train shows every GPU of the node to each of its workers there: the worker's own is this one.
     backbones = Backbones(get_device())
     try:
-        train_speech_llm(config["config"], Path(config["workdir"]), backbones, run)
+        cell_config = resolve_paths(config["config"], config["root"])
+        train_speech_llm(cell_config, Path(config["workdir"]), backbones, run)
     except Exception as err:
         raise _RankFailed(_one_line(err)) from err
 
@@ -688,6 +724,22 @@ def _mark_failed(store: GridStore, cell: Cell, reason: str) -> None:
     if state.status == "RUNNING" and state.run_id is not None:
         store.client.set_tag(state.run_id, ERROR_TAG, reason)
         store.client.set_terminated(state.run_id, "FAILED")
+
+
+def _worker_root(root: Path) -> str:
+    """The experiment's directory as workers get it (`CellWorker`'s `root`).
+
+    Under a Ray job with a `working_dir` (`ray job submit --working-dir .`), every node runs the job in its own
+    copy of that directory, where this driver runs too: a file inside it is given relative to it, and each worker
+    resolves it against its own working directory, its node's copy. Otherwise (a local Ray, a cluster sharing a
+    filesystem) the absolute directory, the same for every process on this machine.
+    """
+    if ray.get_runtime_context().runtime_env.get("working_dir"):
+        try:
+            return str(root.relative_to(Path.cwd().resolve())) or "."
+        except ValueError:
+            pass
+    return str(root)
 
 
 def _sqlite_file(uri: str) -> Path | None:

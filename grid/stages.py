@@ -7,13 +7,17 @@ stage functions and reports through the cell's MLflow run (`grid.tracking.CellRu
   `train.loss`, `trainable_params`, `peak_memory_mb`. A single-process cell trains here, in its worker; a cell
   with `train_workers: W > 1` is DDP, which `grid.runner` starts through Ray Train: each of its W processes calls
   `train_speech_llm`, and rank 0 reports.
-- `path`: the distance matrix and optimal pruning path; artifacts `distance.json` (the `slamgrid path` JSON
-  contract, DESIGN section 4) and `heatmap.png` (D[l][l+n], as in the paper's Figure 1).
-- `eval`: baseline scores; metrics `{set}.wer` (percent) or `{set}.bleu`, artifacts `hypotheses/{set}.json`.
-- `prune`: one step of a path applied to the trained SpeechLLM, healed (unless `none`) and evaluated like
-  `eval`; metrics also `trainable_params`, `n`, `fraction`, `removed_layers`, tag `removed`.
-- `summary`: the removable fraction of every (model, path, healing) of a study, computed from the store alone;
-  `summaries/{study}.json` on the parent run, `summary.json` and metrics `removable_fraction.*` on its own.
+- `path`: the distance matrix and optimal pruning path in the cell's block convention; artifacts `distance.json`
+  (the `slamgrid path` JSON contract, DESIGN section 4) and `heatmap.png` (D[l][l+n], as in the paper's Figure 1);
+  tags `measured_token` and `layout` (`slam.redundancy`).
+- `eval`: baseline scores; metrics `{set}.wer` (percent) or `{set}.bleu`, `{set}.excluded` (references the
+  normaliser empties, left out of the WER), artifacts `hypotheses/{set}.json`.
+- `prune`: one step of a path applied to the trained SpeechLLM, healed (unless `none`: `train.loss`,
+  `train.skipped`, `train.resumed_from` of the healing) and evaluated like `eval`; metrics also
+  `trainable_params`, `n`, `fraction`, `removed_layers`, tags `removed`, `receiving_layer`.
+- `summary`: the removable fraction of every (model, path, healing) of a study, computed from the store alone,
+  and how its text- and speech-derived paths agree (`path_comparisons`); `summaries/{study}.json` on the parent
+  run, `summary.json` and metrics `removable_fraction.*` and `path_agreement.*` on its own.
 
 A cell reads what its dependencies produced from their MLflow runs (never from another cell's working
 directory), so it runs on any worker whatever ran its dependencies. Its own working directory holds what it
@@ -44,6 +48,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grid.cells import Cell
+from grid.experiment import is_local_path, resolve_paths
 from grid.tracking import CellRun, GridStore
 from slam.config import (
     DataConfig,
@@ -73,9 +78,9 @@ from slam.model import (
     save_speech_llm,
 )
 from slam.pruning import drop_layers
-from slam.redundancy import PathStep, pruning_path, speech_layer_distances, text_layer_distances
+from slam.redundancy import PathStep, path_agreement, path_report, speech_layer_distances, text_layer_distances
 from slam.track import NullTracker
-from slam.train import train
+from slam.train import TrainResult, train
 
 MODEL_ARTIFACT = "model"
 """Artifact directory of a `train` cell: the saved SpeechLLM (`speechllm.json`, `trained.safetensors`)."""
@@ -181,6 +186,7 @@ def run_cell(
     store: GridStore,
     workdir: Path,
     backbones: Backbones,
+    root: str | Path | None = None,
 ) -> None:
     """Execute one cell, reporting to its run; raises on failure (the caller's `with run:` records it).
 
@@ -191,6 +197,8 @@ def run_cell(
         store: The grid's store (reads dependencies' runs; the summary writes on the parent run).
         workdir: The cell's own directory (checkpoints, downloads); kept between attempts to resume.
         backbones: The worker's loaded backbones.
+        root: The experiment's directory (absolute, or relative to the working directory), against which the
+            config's relative local paths resolve (`grid.experiment.resolve_paths`); None: the working directory.
 
     Raises:
         ValueError: A dependency has no finished run in `deps`.
@@ -200,7 +208,8 @@ def run_cell(
     if missing:
         raise ValueError(f"cell {cell.id} ({cell.kind}): no finished run given for dependencies {missing}")
     workdir.mkdir(parents=True, exist_ok=True)
-    _STAGES[cell.kind](_Context(cell, run, deps, store, workdir, backbones))
+    config = resolve_paths(cell.config, "." if root is None else root)
+    _STAGES[cell.kind](_Context(cell, config, run, deps, store, workdir, backbones))
 
 
 def train_speech_llm(config: Mapping[str, Any], workdir: Path, backbones: Backbones, run: CellRun | None) -> None:
@@ -238,16 +247,8 @@ def train_speech_llm(config: Mapping[str, Any], workdir: Path, backbones: Backbo
     run.client.log_artifacts(run.run_id, str(saved), MODEL_ARTIFACT)
     if result.steps % train_cfg.log_every != 0:
         run.log_metrics({"train.loss": float(np.mean(result.losses[-train_cfg.log_every :]))}, step=result.steps)
-    run.log_metrics(
-        {
-            "trainable_params": _trainable(model),
-            "peak_memory_mb": _peak_memory_mb(device),
-            "train.resumed_from": result.resumed_from,
-            "train.skipped": len(result.skipped),
-        }
-    )
-    if result.skipped:
-        run.log_json("train_skipped.json", [list(item) for item in result.skipped])
+    run.log_metrics({"trainable_params": _trainable(model), "peak_memory_mb": _peak_memory_mb(device)})
+    _log_training(run, result)
 
 
 def distance_heatmap(distance: np.ndarray, path: Iterable[PathStep] = ()) -> Figure:
@@ -320,7 +321,12 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
             (tags["model"], label, tags["healing"]),
             {
                 "model": tags["model"],
-                "path": {"source": tags["path.source"], "task": tags["path.task"], "model": tags["path.model"]},
+                "path": {
+                    "source": tags["path.source"],
+                    "task": tags["path.task"],
+                    "model": tags["path.model"],
+                    "convention": tags.get("path.convention", "paper"),
+                },
                 "path_label": label,
                 "healing": tags["healing"],
                 "baseline": baselines[run.data.params["train_cell"]],
@@ -337,15 +343,18 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
             }
         )
     results = [_result(group, metric) for group in groups.values()]
-    paths = []
+    paths, reports = [], []
     for cell in config["path_cells"]:
         run = store.client.get_run(deps[cell])
         report = store.load_json_artifact(run.info.run_id, DISTANCE_ARTIFACT)
+        reports.append(report)
         paths.append(
             {
                 "model": run.data.tags.get("model"),
                 "task": run.data.tags.get("task"),
                 "source": report["source"],
+                "convention": report["convention"],
+                "token": report["token"],
                 "n_layers": report["n_layers"],
                 "num_samples": report["num_samples"],
                 "path": report["path"],
@@ -359,7 +368,40 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
         "threshold": _THRESHOLDS[metric],
         "results": results,
         "paths": paths,
+        "agreement": path_comparisons(paths, reports),
     }
+
+
+def path_comparisons(paths: list[dict[str, Any]], reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paper Figure 1 (a) vs (b): every text path against every speech path of the same model and convention.
+
+    Args:
+        paths: A study's path entries (`study_table`'s `paths`), each with `model`, `task`, `source`, `convention`.
+        reports: Their `distance.json` reports, in the same order.
+
+    Returns:
+        One entry per (text, speech) pair: `model`, `text` and `speech` (path labels `{source}-{task}`, plus
+        `-gromov`), `convention`, and `slam.redundancy.path_agreement`'s `mean_abs_diff`, `same_block`, `depths`
+        and `blocks`.
+    """
+    entries = list(zip(paths, reports))
+    comparisons = []
+    for text, text_report in entries:
+        for speech, speech_report in entries:
+            if (text["source"], speech["source"]) != ("text", "speech"):
+                continue
+            if (text["model"], text["convention"]) != (speech["model"], speech["convention"]):
+                continue
+            comparisons.append(
+                {
+                    "model": text["model"],
+                    "text": _report_label(text),
+                    "speech": _report_label(speech),
+                    "convention": text["convention"],
+                    **path_agreement(text_report, speech_report),
+                }
+            )
+    return comparisons
 
 
 @dataclass
@@ -367,15 +409,13 @@ class _Context:
     """What one cell's stage works with."""
 
     cell: Cell
+    config: dict
+    """The cell's config with its local paths resolved for this process."""
     run: CellRun
     deps: Mapping[str, str]
     store: GridStore
     workdir: Path
     backbones: Backbones
-
-    @property
-    def config(self) -> dict:
-        return self.cell.config
 
     def restored_speech_llm(self) -> tuple[SpeechLLM, SpeechLLMConfig]:
         """A fresh copy of the SpeechLLM trained by this cell's `train_cell`, its trained weights restored."""
@@ -384,7 +424,9 @@ class _Context:
         # A scratch copy of the artifact, gone once restored: cells would otherwise keep one trained model each.
         with tempfile.TemporaryDirectory(dir=self.workdir) as scratch:
             saved = Path(self.store.client.download_artifacts(self.deps[train_cell], MODEL_ARTIFACT, scratch))
-            if read_speech_llm_config(saved) != cfg:
+            # Local backbones may sit elsewhere on the worker that trained (another node, another checkout):
+            # the train cell's id, not their location, says which model it is.
+            if _located_anywhere(read_speech_llm_config(saved)) != _located_anywhere(cfg):
                 raise BadInputError(f"the model of train cell {train_cell} was saved from another SpeechLLM config")
             # The seed is moot: every initialised weight (projector, decoder LoRA) is overwritten by the restore.
             model = self.backbones.speech_llm(cfg)
@@ -403,6 +445,7 @@ class _Context:
                     f"{name}.{result.metric}": result.score,
                     f"{name}.num_samples": result.num_samples,
                     f"{name}.skipped": len(result.skipped),
+                    f"{name}.excluded": len(result.excluded),
                 }
             )
             hypotheses = {
@@ -410,6 +453,7 @@ class _Context:
                 "hypotheses": result.hypotheses,
                 "references": result.references,
                 "skipped": [list(item) for item in result.skipped],
+                "excluded": result.excluded,
             }
             if result.bleu is not None:
                 hypotheses["signature"] = result.bleu.signature
@@ -434,14 +478,15 @@ def _run_path(ctx: _Context) -> None:
     sets = [load_dataset(_limited(data, distance_cfg.max_samples)) for data in dev.values()]
     pooled = replace(distance_cfg, max_samples=None)
     if ctx.config["source"] == "speech":
-        model, cfg = ctx.restored_speech_llm()
-        name = cfg.decoder.name
+        model, _ = ctx.restored_speech_llm()
+        # As the experiment file names it (the resolved directory may differ between workers).
+        name = ctx.cell.config["speech_llm"]["decoder"]["name"]
         task = ctx.config["task"]
         pairs = ((sample.audio, sample.target(task)) for dataset in sets for sample in dataset.samples())
         result = speech_layer_distances(model, pairs, pooled)
     else:
         decoder_cfg = from_dict(DecoderConfig, ctx.config["decoder"], "decoder")
-        name = decoder_cfg.name
+        name = ctx.cell.config["decoder"]["name"]
         master, tokenizer = ctx.backbones.decoder(decoder_cfg)
         texts = [text for dataset in sets for text in dataset.texts()]
         decoder = copy.deepcopy(master).to(ctx.backbones.device)
@@ -450,16 +495,10 @@ def _run_path(ctx: _Context) -> None:
         raise BadInputError(
             f"{name}: the decoder has {result.n_layers} layers but the experiment says layers: {ctx.config['layers']}"
         )
-    path = pruning_path(result.distance)
-    report = {
-        "model": name,
-        "n_layers": result.n_layers,
-        "source": ctx.config["source"],
-        "num_samples": result.num_samples,
-        "distance": result.distance.tolist(),
-        "path": [step.to_dict() for step in path],
-    }
+    report = path_report(name, result, ctx.config["source"], ctx.config["convention"])
+    path = [PathStep.from_dict(step, report["convention"]) for step in report["path"]]
     ctx.run.log_json(DISTANCE_ARTIFACT, report)
+    ctx.run.set_tags({"measured_token": result.token, "layout": result.layout})
     ctx.run.log_figure(HEATMAP_ARTIFACT, distance_heatmap(result.distance, path))
     skipped = sum(len(dataset.skipped) for dataset in sets)
     ctx.run.log_metrics({"num_samples": result.num_samples, "n_layers": result.n_layers, "skipped": skipped})
@@ -491,7 +530,9 @@ def _run_prune(ctx: _Context) -> None:
         torch.manual_seed(heal_train.seed)
         trainable = add_healing(model, step.receiving_layer, heal).trainable
         dataset = load_dataset(from_dict(DataConfig, ctx.config["data"], "data"))
-        train(model, dataset, heal_train, out_dir=ctx.workdir / "heal", tracker=ctx.run)
+        healed = train(model, dataset.for_training(), heal_train, out_dir=ctx.workdir / "heal", tracker=ctx.run)
+        # Named as a train cell's: the healing training streams `train.loss` to this run too.
+        _log_training(ctx.run, healed)
     ctx.run.set_tags({"removed": json.dumps(list(step.removed)), "receiving_layer": str(step.receiving_layer)})
     ctx.run.log_metrics(
         {
@@ -510,13 +551,18 @@ def _run_summary(ctx: _Context) -> None:
     figures = {"degradation": _degradation_figure(table)} if table["results"] else {}
     ctx.store.log_summary(ctx.config["study"], table, figures)
     ctx.run.log_json(SUMMARY_ARTIFACT, table)
-    fractions = {
+    metrics = {
         metric_key("removable_fraction", row["model"], row["path_label"], row["healing"]): row["removable_fraction"]
         for row in table["results"]
         if row["removable_fraction"] is not None
     }
-    if fractions:
-        ctx.run.log_metrics(fractions)
+    for pair in table["agreement"]:
+        key = ("path_agreement", pair["model"], pair["text"], pair["speech"])
+        metrics[metric_key(*key, "mean_abs_diff")] = pair["mean_abs_diff"]
+        metrics[metric_key(*key, "same_block")] = len(pair["same_block"])
+        metrics[metric_key(*key, "depths")] = len(pair["depths"])
+    if metrics:
+        ctx.run.log_metrics(metrics)
 
 
 _STAGES: dict[str, Callable[[_Context], None]] = {
@@ -561,10 +607,27 @@ def _degradation_figure(table: dict[str, Any]) -> Figure:
     return figure
 
 
+def _log_training(run: CellRun, result: TrainResult) -> None:
+    """`train.resumed_from`, `train.skipped` and, when samples were left out, `train_skipped.json`."""
+    run.log_metrics({"train.resumed_from": result.resumed_from, "train.skipped": len(result.skipped)})
+    if result.skipped:
+        run.log_json("train_skipped.json", [list(item) for item in result.skipped])
+
+
+def _report_label(path: Mapping[str, str]) -> str:
+    """`{source}-{task}` of a path cell, plus `-gromov` in Gromov et al.'s convention."""
+    label = f"{path['source']}-{path['task']}"
+    return label if path["convention"] == "paper" else f"{label}-{path['convention']}"
+
+
 def _path_label(tags: Mapping[str, str]) -> str:
-    """`{source}-{task}` of a prune cell's path, plus `-{model}` when the path is another model's."""
+    """`{source}-{task}` of a prune cell's path, plus `-{model}` when the path is another model's, and `-gromov`
+    when it follows Gromov et al.'s block convention rather than the paper's."""
     label = f"{tags['path.source']}-{tags['path.task']}"
-    return label if tags["path.model"] == tags["model"] else f"{label}-{tags['path.model']}"
+    if tags["path.model"] != tags["model"]:
+        label += f"-{tags['path.model']}"
+    convention = tags.get("path.convention", "paper")
+    return label if convention == "paper" else f"{label}-{convention}"
 
 
 def _scores(metrics: Mapping[str, float], metric: str) -> dict[str, float]:
@@ -576,13 +639,7 @@ def _scores(metrics: Mapping[str, float], metric: str) -> dict[str, float]:
 def _path_step(report: dict, n: int, path_cell: str) -> PathStep:
     for step in report["path"]:
         if step["n"] == n:
-            return PathStep(
-                n=n,
-                start=step["start"],
-                removed=tuple(step["removed"]),
-                fraction=step["fraction"],
-                distance=step["distance"],
-            )
+            return PathStep.from_dict(step, report["convention"])
     raise BadInputError(f"path cell {path_cell}: its distance.json has no step n={n}")
 
 
@@ -594,6 +651,16 @@ def _limited(data: DataConfig, max_samples: int | None) -> DataConfig:
     if max_samples is None:
         return data
     return replace(data, max_samples=min(data.max_samples or math.inf, max_samples))
+
+
+def _located_anywhere(cfg: SpeechLLMConfig) -> SpeechLLMConfig:
+    """`cfg` with the location of each local backbone directory left out (a hub id is kept)."""
+    encoder, decoder = cfg.encoder, cfg.decoder
+    if is_local_path(encoder.name):
+        encoder = replace(encoder, name="<local>")
+    if is_local_path(decoder.name):
+        decoder = replace(decoder, name="<local>")
+    return replace(cfg, encoder=encoder, decoder=decoder)
 
 
 def _check_layers(decoder: nn.Module, layers: int, name: str) -> None:

@@ -15,8 +15,9 @@ from those runs (`grid.stages.study_table`, what the summary cells log) and lays
 
 A grid that has not finished is summarised from what has: cells without a FINISHED run are left out and counted,
 and a prune cell whose baseline is missing is left out with it. With `log=True` everything goes to the
-experiment's parent run under `report/` (`table1.txt`, `table2.txt`, `summary.json`, `figure1.png`,
-`figure2.png`, `figure2_bleu.png`), beside the per-study `summaries/` of the summary cells.
+experiment's parent run under `report/` (`table1.txt`, `table2.txt`, `paths.txt`, `summary.json`, `figure1.png`,
+`figure2.png`, `figure2_bleu.png`), beside the per-study `summaries/` of the summary cells. `paths.txt` compares,
+per model, the text- and speech-derived paths of every study that has both (paper Figure 1 (a) vs (b)).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from grid.experiment import load_experiment
 from grid.stages import DISTANCE_ARTIFACT, draw_distance_heatmap, study_table
 from grid.tracking import GridStore, store_has_experiment
 from grid.tracking import tracking_uri as resolve_tracking_uri
-from slam.metrics import BLEU_THRESHOLD, WER_THRESHOLD
+from slam.metrics import BLEU_THRESHOLD, WER_THRESHOLD, format_percent
 
 REPORT_DIR = "report"
 """Artifact directory of the summary on the experiment's parent run."""
@@ -59,6 +60,8 @@ class Summary:
     """Table 1 as text; empty without an ASR study."""
     table2: str
     """Table 2 as text; empty without an AST study."""
+    paths_text: str = ""
+    """Figure 1 (a) vs (b): how each model's text- and speech-derived paths agree; empty without such a pair."""
     figures: dict[str, Figure] = field(default_factory=dict)
     """`figure1`, `figure2` (WER) and `figure2_bleu`, those the results allow."""
     cells: int = 0
@@ -68,7 +71,7 @@ class Summary:
 
     def text(self) -> str:
         """Both tables and a line on what is missing, as `slamgrid summarize` prints them."""
-        parts = [table for table in (self.table1, self.table2) if table]
+        parts = [table for table in (self.table1, self.table2, self.paths_text) if table]
         if not parts:
             parts.append(f"{self.experiment}: no finished evaluation to summarise yet")
         if self.missing:
@@ -88,6 +91,7 @@ class Summary:
             "paths": self.paths,
             "table1": self.table1,
             "table2": self.table2,
+            "paths_text": self.paths_text,
         }
 
 
@@ -120,9 +124,9 @@ def summarize(path: str | Path, tracking_uri: str | None = None, log: bool = Tru
     if log:
         parent = store.parent_run()
         client = store.client
-        for name in ("table1", "table2"):
-            if getattr(summary, name):
-                client.log_text(parent, getattr(summary, name) + "\n", f"{REPORT_DIR}/{name}.txt")
+        for name, text in (("table1", summary.table1), ("table2", summary.table2), ("paths", summary.paths_text)):
+            if text:
+                client.log_text(parent, text + "\n", f"{REPORT_DIR}/{name}.txt")
         client.log_dict(parent, summary.to_dict(), f"{REPORT_DIR}/summary.json")
         for name, figure in summary.figures.items():
             client.log_figure(parent, figure, f"{REPORT_DIR}/{name}.png")
@@ -174,6 +178,7 @@ def collect(store: GridStore, cells: Sequence[Cell], finished: dict[str, str], e
         paths=paths,
         table1=table1(studies),
         table2=table2(studies),
+        paths_text=path_agreement_text(studies),
         figures=figures,
         cells=len(cells),
         missing=missing,
@@ -204,7 +209,7 @@ def table1(studies: Sequence[dict[str, Any]]) -> str:
                 rows.append(["+ pruning", "", "", "n/a", result["note"] or ""])
                 continue
             at = _row_at(result, fraction)
-            rows.append(["+ pruning", "", "", f"{100 * fraction:.1f}", *_cells(at["scores"] if at else {}, sets)])
+            rows.append(["+ pruning", "", "", format_percent(fraction), *_cells(at["scores"] if at else {}, sets)])
         title = (
             f"Table 1, study {study['study']}: WER (%) before and after pruning; drop = the largest fraction of "
             f"decoder layers removed with relative WER change <= {study['threshold']:g} on every set"
@@ -240,7 +245,7 @@ def table2(studies: Sequence[dict[str, Any]]) -> str:
                 for result, name in columns:
                     at = _row_at(result, fraction)
                     cells.append(_score(at["scores"].get(name) if at else None))
-                rows.append([f"{100 * fraction:.1f}", *cells])
+                rows.append([format_percent(fraction), *cells])
             rows.append(["removable %", *(_fraction(result["removable_fraction"]) for result, _ in columns)])
             title = (
                 f"Table 2, study {study['study']}, {model}, healing {healing}: BLEU per fraction of decoder layers "
@@ -248,6 +253,34 @@ def table2(studies: Sequence[dict[str, Any]]) -> str:
             )
             blocks.append(title + "\n" + _aligned(header, rows))
     return "\n\n".join(blocks)
+
+
+def path_agreement_text(studies: Sequence[dict[str, Any]]) -> str:
+    """Figure 1 (a) vs (b) in words: each (model, text path, speech path) pair of the studies, once.
+
+    Args:
+        studies: Study tables (`grid.stages.study_table`), whose `agreement` lists the pairs.
+
+    Returns:
+        One line per pair: the mean absolute difference of the two matrices over the path's candidate blocks (the
+        paper: about 0.007 for Qwen2.5-7B) and the depths at which both paths remove the same layers; empty
+        without a pair.
+    """
+    seen, lines = set(), []
+    for study in studies:
+        for pair in study.get("agreement", []):
+            key = (pair["model"], pair["text"], pair["speech"])
+            if key in seen:
+                continue
+            seen.add(key)
+            lines.append(
+                f"{pair['model']}: {pair['text']} vs {pair['speech']} ({pair['convention']} convention): mean "
+                f"|D_text - D_speech| over the path's blocks {pair['mean_abs_diff']:.4f}; the same block at "
+                f"{len(pair['same_block'])} of {len(pair['depths'])} depths"
+            )
+    if not lines:
+        return ""
+    return "Figure 1 (a) vs (b), text- against speech-derived paths:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def figure1(paths: Sequence[dict[str, Any]]) -> Figure:
@@ -336,7 +369,7 @@ def _score(value: float | None) -> str:
 
 
 def _fraction(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
+    return "n/a" if value is None else format_percent(value)
 
 
 def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

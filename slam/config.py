@@ -20,6 +20,8 @@ DATA_SOURCES = ("librispeech", "loquacious", "covost2", "manifest")
 TASKS = ("asr", "ast")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 HEAL_STRATEGIES = ("none", "decoder", "projector", "decoder+projector")
+PATH_CONVENTIONS = ("paper", "gromov")
+"""Block conventions of a pruning path (`slam.redundancy.pruning_path`): the paper's eq. 2 and Gromov et al.'s."""
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -243,6 +245,19 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         _positive("decode.batch_size", self.batch_size)
         _positive("decode.max_new_tokens", self.max_new_tokens)
+
+
+def depth_range(m: int, convention: str = "paper") -> range:
+    """The block sizes n of a pruning path in `convention` for a decoder of m layers (`slam.redundancy`).
+
+    `paper` (eq. 2) has n = 2..m-1, block n removing n-1 layers; `gromov` has n = 1..m-2, block n removing n.
+    Both remove 1..m-2 layers, so that at least two layers are kept.
+
+    Raises:
+        ValueError: An unknown convention.
+    """
+    _choice("path.convention", convention, PATH_CONVENTIONS)
+    return range(2, m) if convention == "paper" else range(1, m - 1)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -29,6 +29,8 @@ class EvalResult:
         hypotheses: Greedy hypotheses, aligned with `ids`.
         references: References (transcripts or translations), aligned with `ids`.
         skipped: (where, reason) of samples left out under `on_bad_sample: skip`.
+        excluded: Ids of the decoded samples left out of the WER because their reference is empty after
+            normalisation (`slam.metrics.corpus_wer`); always empty for BLEU.
         wer: The corpus WER details (ASR).
         bleu: The corpus BLEU details and signature (AST).
     """
@@ -40,12 +42,13 @@ class EvalResult:
     hypotheses: list[str]
     references: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
     wer: WERResult | None = None
     bleu: BLEUResult | None = None
 
     @property
     def num_samples(self) -> int:
-        """Samples scored."""
+        """Samples decoded (those `excluded` from the WER included)."""
         return len(self.ids)
 
 
@@ -84,6 +87,7 @@ def evaluate(model: SpeechLLM, samples: Iterable, task: str, cfg: DecodeConfig) 
     skipped = list(getattr(samples, "skipped", []))
     if task == "asr":
         wer = corpus_wer(hypotheses, references)
-        return EvalResult(task, "wer", 100.0 * wer.wer, ids, hypotheses, references, skipped, wer=wer)
+        excluded = [ids[index] for index in wer.excluded]
+        return EvalResult(task, "wer", 100.0 * wer.wer, ids, hypotheses, references, skipped, excluded, wer=wer)
     bleu = corpus_bleu(hypotheses, references)
     return EvalResult(task, "bleu", bleu.bleu, ids, hypotheses, references, skipped, bleu=bleu)

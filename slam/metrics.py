@@ -8,6 +8,7 @@ change of the score against the unpruned baseline stays within a threshold on ev
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 
 import jiwer
@@ -37,6 +38,8 @@ class WERResult:
         insertions: Number of hypothesis words not in the references.
         hits: Number of correctly recognised words.
         num_ref_words: Total number of reference words (hits + substitutions + deletions).
+        excluded: Indices of the utterances left out of the score because their reference is empty (after
+            normalisation, when normalising): a filler-only utterance such as "Um." has no word to recognise.
     """
 
     wer: float
@@ -45,6 +48,7 @@ class WERResult:
     insertions: int
     hits: int
     num_ref_words: int
+    excluded: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,10 @@ def corpus_wer(hypotheses: Sequence[str], references: Sequence[str], normalize: 
 
     The WER is the total number of errors divided by the total number of reference words over the whole
     corpus; it is not the mean of per-utterance WERs. Empty hypotheses are allowed (all their reference words
-    count as deletions); empty references are rejected as bad input.
+    count as deletions). An utterance whose reference is empty (after normalisation when ``normalize`` is
+    true; the Whisper normaliser empties filler-only references such as "Um.") has no word to recognise and
+    no defined error rate: it is left out of the corpus score and its index is listed in ``excluded``,
+    whatever its hypothesis says.
 
     Args:
         hypotheses: Model transcripts, one per utterance.
@@ -88,20 +95,22 @@ def corpus_wer(hypotheses: Sequence[str], references: Sequence[str], normalize: 
         normalize: Whether to apply the Whisper English normaliser to both sides before scoring.
 
     Returns:
-        The corpus WER as a fraction together with its substitution, deletion, insertion and hit counts.
+        The corpus WER as a fraction together with its substitution, deletion, insertion and hit counts, and
+        the utterances left out.
 
     Raises:
-        ValueError: If the inputs are empty or differ in length, or if a reference is empty (after
-            normalisation when ``normalize`` is true).
+        ValueError: If the inputs are empty or differ in length, or if every reference is empty.
     """
     _check_lengths(hypotheses, references)
     if normalize:
         hypotheses = [normalize_english(h) for h in hypotheses]
         references = [normalize_english(r) for r in references]
-    for index, reference in enumerate(references):
-        if not reference.strip():
-            raise ValueError(f"reference {index} is empty{' after normalisation' if normalize else ''}: {reference!r}")
-    output = jiwer.process_words(list(references), list(hypotheses))
+    excluded = tuple(index for index, reference in enumerate(references) if not reference.strip())
+    if len(excluded) == len(references):
+        empty = " after normalisation" if normalize else ""
+        raise ValueError(f"every one of the {len(references)} references is empty{empty}: no word to score")
+    kept = [index for index in range(len(references)) if index not in excluded]
+    output = jiwer.process_words([references[i] for i in kept], [hypotheses[i] for i in kept])
     return WERResult(
         wer=output.wer,
         substitutions=output.substitutions,
@@ -109,6 +118,7 @@ def corpus_wer(hypotheses: Sequence[str], references: Sequence[str], normalize: 
         insertions=output.insertions,
         hits=output.hits,
         num_ref_words=output.hits + output.substitutions + output.deletions,
+        excluded=excluded,
     )
 
 
@@ -192,6 +202,23 @@ def removable_fraction(
         if all(_meets_threshold(relative_change(scores[name], base), limit, metric) for name, base in baseline.items()):
             best = max(best, fraction)
     return best
+
+
+def format_percent(fraction: float) -> str:
+    """A fraction of layers as the paper prints it: a percentage rounded half up to one decimal (1/16 -> "6.3").
+
+    Python's own rounding (`f"{6.25:.1f}"` gives "6.2") rounds half to even; the paper rounds half up.
+    The percentage is first rounded to 9 decimals, so that float noise (1/80 as 1.2499999...) does not
+    decide the last digit.
+
+    Args:
+        fraction: A fraction in [0, 1], e.g. (n - 1) / m.
+
+    Returns:
+        The percentage with one decimal, e.g. "28.6" for 8/28.
+    """
+    percent = Decimal(f"{100 * fraction:.9f}")
+    return str(percent.quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
 
 
 @lru_cache(maxsize=1)

@@ -181,6 +181,7 @@ class SpeechLLM(nn.Module):
         waveforms: Sequence[np.ndarray | torch.Tensor],
         targets: Sequence[str] | None = None,
         padding_side: str = "right",
+        eos: bool = True,
     ) -> DecoderInputs:
         """Assemble speech, prompt and (teacher-forced) target into decoder inputs.
 
@@ -188,6 +189,8 @@ class SpeechLLM(nn.Module):
             waveforms: B mono 16 kHz waveforms.
             targets: B target texts (transcripts or translations); None for generation.
             padding_side: `right` for training and measurement, `left` for batched generation.
+            eos: Append EOS after each target (training); False ends each row at its last target token (the
+                layout the layer distances are measured in, `slam.redundancy.speech_layer_distances`).
 
         Returns:
             The assembled `DecoderInputs`; labels are set when targets are given.
@@ -205,7 +208,7 @@ class SpeechLLM(nn.Module):
             self.prompt_ids,
             target_ids,
             bos_id=self.tokenizer.bos_token_id,
-            eos_id=self.tokenizer.eos_token_id,
+            eos_id=self.tokenizer.eos_token_id if eos else None,
             padding_side=padding_side,
         )
 
@@ -468,7 +471,7 @@ def assemble_inputs(
     prompt_ids: Sequence[int],
     target_ids: Sequence[Sequence[int]] | None,
     bos_id: int | None,
-    eos_id: int,
+    eos_id: int | None,
     padding_side: str = "right",
 ) -> DecoderInputs:
     """Concatenate [BOS] speech prompt [target EOS] per sample and pad the batch.
@@ -480,7 +483,7 @@ def assemble_inputs(
         prompt_ids: Prompt token ids, shared by every sample.
         target_ids: Per-sample target token ids (without EOS), or None for generation.
         bos_id: Id placed first when the tokenizer has a BOS token, else None.
-        eos_id: Id appended after each target.
+        eos_id: Id appended after each target; None appends nothing.
         padding_side: `right` or `left`.
 
     Returns:
@@ -499,7 +502,7 @@ def assemble_inputs(
         n_context = sum(p.shape[0] for p in parts)
         row_labels = [IGNORE_INDEX] * n_context
         if target_ids is not None:
-            target = list(target_ids[i]) + [eos_id]
+            target = list(target_ids[i]) + ([eos_id] if eos_id is not None else [])
             parts.append(embed(torch.tensor(target, dtype=torch.long, device=device)))
             row_labels += target
         rows.append(torch.cat(parts))  # (L_i, D)

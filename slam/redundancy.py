@@ -2,10 +2,22 @@
 
 Conventions (DESIGN section 2): h_0 is the input of the first decoder layer (the input
 embeddings), h_l the output of layer l (1-based), taken before the final norm; the state of a
-sequence is the one at its last non-padding token, for left and right padding alike. The angular
+sequence is the one at its last non-padding token, for left and right padding alike. Text and speech
+inputs end on the same token, so that their matrices compare (paper Figure 1 (a) vs (b)): a text sample
+is the text as the model's tokenizer encodes it (Qwen2.5 adds nothing, Llama a BOS in front), so its last
+token is the text's last token; a speech sample is `[BOS] speech prompt target` without the EOS that
+training appends, so its last token is the target's last token, the same token of the same transcript. The angular
 distance d(a, b) = arccos(cos(a, b)) / pi is computed in float32 as 2 asin(|a/|a| - b/|b||/2) / pi,
 the same quantity without arccos' loss of precision near 0 (identical states give exactly 0).
 The matrix is averaged over samples (the mean of per-sample distances); per-sample matrices are kept.
+
+A pruning path follows one of two block conventions, named in every path and never mixed:
+
+- `paper` (eq. 2, the default): for n = 2..m-1, l*(n) = argmin over l in 1..m-n of D[l][l+n]; the n-1 layers
+  l*+1..l*+n-1 are removed and layer l*+n, kept, receives h_{l*}. Fraction (n-1)/m.
+- `gromov` (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers", and PruneMe): D[l][l+n]
+  compares the inputs of layers l+1 and l+n+1, so the n layers l*+1..l*+n it spans are removed; for
+  n = 1..m-2 (the same counts of removed layers as the paper's), l*(n) = argmin over l in 0..m-n. Fraction n/m.
 """
 
 from __future__ import annotations
@@ -13,15 +25,25 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from slam.config import DistanceConfig
+from slam.config import DistanceConfig, depth_range
 from slam.errors import BadInputError
 from slam.model import DecoderInputs, SpeechLLM, decoder_stack, position_ids_from_mask
+
+TEXT_TOKEN = "the last token of the text, tokenised with the model's default special tokens"
+"""Where a text sample's states are read (`text_layer_distances`)."""
+TEXT_LAYOUT = "[the tokenizer's special tokens] text"
+"""The input of a text sample."""
+SPEECH_TOKEN = "the last target token (EOS is not appended)"
+"""Where a speech sample's states are read (`speech_layer_distances`): the transcript's (or translation's) last
+token, the token a text path on the same transcript ends on."""
+SPEECH_LAYOUT = "[BOS if the tokenizer has one] speech prompt target"
+"""The input of a speech sample: the training layout without its final EOS."""
 
 
 @dataclass
@@ -31,10 +53,14 @@ class DistanceResult:
     Attributes:
         distance: (m+1, m+1) mean over samples of the per-sample angular distances.
         per_sample: (S, m+1, m+1) the per-sample matrices, in input order.
+        token: Which token of each sample the states were read at (`TEXT_TOKEN`, `SPEECH_TOKEN`).
+        layout: What each sample's input was (`TEXT_LAYOUT`, `SPEECH_LAYOUT`).
     """
 
     distance: np.ndarray
     per_sample: np.ndarray
+    token: str = "the last non-padding token"
+    layout: str = "as given"
 
     @property
     def n_layers(self) -> int:
@@ -49,14 +75,20 @@ class DistanceResult:
 
 @dataclass(frozen=True)
 class PathStep:
-    """One point of the optimal pruning path (paper eq. 2).
+    """One point of an optimal pruning path (paper eq. 2, or Gromov et al.'s convention).
 
     Attributes:
         n: Block size: h_start and h_{start+n} are compared.
-        start: l*(n), 1-based: the last layer kept before the removed block.
-        removed: 1-based numbers of the removed layers, start+1 .. start+n-1.
-        fraction: (n-1)/m, the fraction of decoder layers removed.
+        start: l*(n): the last layer kept before the removed block (0: the embeddings, `gromov` only).
+        removed: 1-based numbers of the removed layers: start+1 .. start+n-1 (`paper`) or start+1 .. start+n
+            (`gromov`).
+        fraction: The fraction of decoder layers removed, len(removed) / m.
         distance: D[start][start+n].
+        receiving_layer: 1-based number, in the pruned decoder, of the layer healing adapts: the first kept layer
+            after the removed block, which now receives h_start (start+1); when a `gromov` block ends at the
+            last layer, none follows it and the last kept layer, whose output now reaches the final norm
+            (start), is adapted instead.
+        convention: `paper` or `gromov`.
     """
 
     n: int
@@ -64,21 +96,32 @@ class PathStep:
     removed: tuple[int, ...]
     fraction: float
     distance: float
-
-    @property
-    def receiving_layer(self) -> int:
-        """1-based number, in the pruned decoder, of the layer that receives h_start (originally start+n)."""
-        return self.start + 1
+    receiving_layer: int
+    convention: str = "paper"
 
     def to_dict(self) -> dict:
-        """The JSON form of the `slamgrid path` contract."""
+        """The JSON form of a step of the `slamgrid path` contract (its `convention` is the path's)."""
         return {
             "n": self.n,
             "start": self.start,
             "removed": list(self.removed),
             "fraction": self.fraction,
             "distance": self.distance,
+            "receiving_layer": self.receiving_layer,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict, convention: str) -> PathStep:
+        """A step of a path's JSON (`to_dict`), in the path's convention."""
+        return cls(
+            n=data["n"],
+            start=data["start"],
+            removed=tuple(data["removed"]),
+            fraction=data["fraction"],
+            distance=data["distance"],
+            receiving_layer=data["receiving_layer"],
+            convention=convention,
+        )
 
 
 def layer_distances(decoder: nn.Module, batches: Iterable[DecoderInputs]) -> DistanceResult:
@@ -132,15 +175,16 @@ def text_layer_distances(decoder: nn.Module, tokenizer, texts: Sequence[str], cf
             embeds = embed(tokens["input_ids"].to(device))  # (B, L, D)
             yield DecoderInputs(embeds, mask, position_ids_from_mask(mask))
 
-    return layer_distances(decoder, batches())
+    return replace(layer_distances(decoder, batches()), token=TEXT_TOKEN, layout=TEXT_LAYOUT)
 
 
 def speech_layer_distances(
     model: SpeechLLM, samples: Iterable[tuple[np.ndarray, str]], cfg: DistanceConfig
 ) -> DistanceResult:
-    """Distances over SpeechLLM inputs (speech, prompt, target and EOS, teacher-forced).
+    """Distances over SpeechLLM inputs (speech, prompt and target, teacher-forced).
 
-    The measured token is the last non-padding one, the EOS after the target, as in training.
+    The measured token is the target's last token: the input is the training layout without the EOS after the
+    target, so that a text path on the same transcripts (`text_layer_distances`) ends on the same token.
     Samples are streamed: only one batch of audio is held at a time.
 
     Args:
@@ -162,7 +206,69 @@ def speech_layer_distances(
         if chunk:
             yield _speech_batch(model, chunk)
 
-    return layer_distances(model.decoder, batches())
+    return replace(layer_distances(model.decoder, batches()), token=SPEECH_TOKEN, layout=SPEECH_LAYOUT)
+
+
+def path_report(model: str, result: DistanceResult, source: str, convention: str = "paper") -> dict:
+    """The `slamgrid path` JSON (DESIGN section 4) of a measured matrix, with its path in `convention`.
+
+    Args:
+        model: The model's id or directory, as given.
+        result: The measured matrices.
+        source: `text` or `speech`.
+        convention: The path's block convention (`pruning_path`).
+
+    Returns:
+        `model`, `n_layers`, `source`, `num_samples`, `token` and `layout` (where and on what the states were
+        read), `convention`, `distance` ((m+1) x (m+1) lists) and `path` (`PathStep.to_dict` per n).
+    """
+    return {
+        "model": model,
+        "n_layers": result.n_layers,
+        "source": source,
+        "num_samples": result.num_samples,
+        "token": result.token,
+        "layout": result.layout,
+        "convention": convention,
+        "distance": result.distance.tolist(),
+        "path": [step.to_dict() for step in pruning_path(result.distance, convention)],
+    }
+
+
+def path_agreement(a: dict, b: dict) -> dict:
+    """How two path reports (`path_report`) of one decoder agree: paper Figure 1 (a) vs (b).
+
+    Args:
+        a: One report, e.g. the text-derived one.
+        b: The other, e.g. the speech-derived one; same depth and convention.
+
+    Returns:
+        `mean_abs_diff`: the mean of |D_a[l][l+n] - D_b[l][l+n]| over the candidate blocks of the path (every
+        n of the convention, every l it searches); `same_block`: the depths whose steps remove the same layers;
+        `depths`: all depths compared; `blocks`: per depth, the layers each removes.
+    """
+    if a["n_layers"] != b["n_layers"] or a["convention"] != b["convention"]:
+        raise ValueError(
+            f"paths of {a['n_layers']} and {b['n_layers']} layers in conventions {a['convention']} and "
+            f"{b['convention']} do not compare"
+        )
+    m, convention = a["n_layers"], a["convention"]
+    first = 1 if convention == "paper" else 0
+    da, db = np.asarray(a["distance"]), np.asarray(b["distance"])
+    diffs = [
+        abs(da[layer, layer + n] - db[layer, layer + n])
+        for n in depth_range(m, convention)
+        for layer in range(first, m - n + 1)
+    ]
+    steps_a = {step["n"]: step["removed"] for step in a["path"]}
+    steps_b = {step["n"]: step["removed"] for step in b["path"]}
+    depths = sorted(steps_a.keys() & steps_b.keys())
+    return {
+        "mean_abs_diff": float(np.mean(diffs)) if diffs else 0.0,
+        "same_block": [n for n in depths if steps_a[n] == steps_b[n]],
+        "depths": depths,
+        "blocks": {str(n): [steps_a[n], steps_b[n]] for n in depths},
+    }
 
 
 def angular_distance_matrix(states: torch.Tensor) -> torch.Tensor:
@@ -179,14 +285,17 @@ def angular_distance_matrix(states: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.asin((chord / 2.0).clamp(0.0, 1.0)) / math.pi
 
 
-def pruning_path(distance: Sequence[Sequence[float]] | np.ndarray) -> list[PathStep]:
-    """The optimal pruning path {l*(n)} for n = 2..m-1 (paper eq. 2).
+def pruning_path(distance: Sequence[Sequence[float]] | np.ndarray, convention: str = "paper") -> list[PathStep]:
+    """The optimal pruning path {l*(n)}, one step per block size n (see the module docstring for the conventions).
 
-    l*(n) = argmin over l in 1..m-n of D[l][l+n], ties to the smallest l; layers l*+1..l*+n-1 are
-    removed (n-1 of them) and layer l*+n then receives h_{l*}.
+    `paper` (eq. 2): for n = 2..m-1, l*(n) = argmin over l in 1..m-n of D[l][l+n], ties to the smallest l;
+    layers l*+1..l*+n-1 are removed (n-1 of them) and layer l*+n then receives h_{l*}.
+    `gromov`: for n = 1..m-2, l*(n) = argmin over l in 0..m-n of D[l][l+n], ties to the smallest l; the n layers
+    l*+1..l*+n are removed.
 
     Args:
         distance: (m+1, m+1) matrix over h_0..h_m.
+        convention: `paper` or `gromov`.
 
     Returns:
         One step per n, in increasing n (empty when m < 3).
@@ -195,16 +304,21 @@ def pruning_path(distance: Sequence[Sequence[float]] | np.ndarray) -> list[PathS
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 2:
         raise BadInputError(f"distance matrix must be square (m+1)x(m+1) with m >= 1, got shape {matrix.shape}")
     m = matrix.shape[0] - 1
+    first = 1 if convention == "paper" else 0
     steps = []
-    for n in range(2, m):
-        start = min(range(1, m - n + 1), key=lambda layer: (matrix[layer, layer + n], layer))
+    for n in depth_range(m, convention):
+        start = min(range(first, m - n + 1), key=lambda layer: (matrix[layer, layer + n], layer))
+        last = start + n - 1 if convention == "paper" else start + n
+        removed = tuple(range(start + 1, last + 1))
         steps.append(
             PathStep(
                 n=n,
                 start=start,
-                removed=tuple(range(start + 1, start + n)),
-                fraction=(n - 1) / m,
+                removed=removed,
+                fraction=len(removed) / m,
                 distance=float(matrix[start, start + n]),
+                receiving_layer=start if last == m else start + 1,
+                convention=convention,
             )
         )
     return steps
@@ -212,7 +326,7 @@ def pruning_path(distance: Sequence[Sequence[float]] | np.ndarray) -> list[PathS
 
 @torch.no_grad()
 def _speech_batch(model: SpeechLLM, chunk: list[tuple[np.ndarray, str]]) -> DecoderInputs:
-    return model.decoder_inputs([wave for wave, _ in chunk], [text for _, text in chunk])
+    return model.decoder_inputs([wave for wave, _ in chunk], [text for _, text in chunk], eos=False)
 
 
 @torch.no_grad()

@@ -56,13 +56,14 @@ def test_paper_counts():
 
 
 def test_demo_counts():
-    # asr: 4 depths x 2 healings; ast: 2 paths x 2 depths; asr-text-path: 1 depth.
+    # asr: 4 depths x 2 healings; ast: 2 paths x 2 depths; asr-text-path: 1 depth of the text path (its speech
+    # path's is the asr study's); paths: speech of each task, text, text in Gromov's convention (figure1).
     assert plan_summary(_cells("demo.yaml")) == {
         "train": 2,
-        "path": 3,
+        "path": 4,
         "eval": 2,
         "prune": 4 * 2 + 2 * 2 + 1,
-        "summary": 3,
+        "summary": 4,
     }
 
 
@@ -159,7 +160,7 @@ def test_cell_configs_carry_what_their_stage_reads():
                 assert cell.config["heal"]["lora_rank"] == 64
                 assert cell.config["heal_train"]["steps"] == 150
                 assert cell.config["heal_train"]["task"] == cell.config["task"]
-                assert cell.config["data"]["path"] == "experiments/demo/train.jsonl"
+                assert cell.config["data"]["path"] == "./demo/train.jsonl"
             assert cell.config["decode"]["max_new_tokens"] == 40
             assert list(cell.config["eval"]) == ["test"]
         elif cell.kind == "train":
@@ -171,7 +172,7 @@ def test_cell_configs_carry_what_their_stage_reads():
             assert cell.config["distance"]["max_samples"] == 64
         elif cell.kind == "path":
             assert cell.deps == () and "speech_llm" not in cell.config
-            assert cell.config["decoder"]["name"] == "experiments/demo/models/decoder"
+            assert cell.config["decoder"]["name"] == "./demo/models/decoder"
         elif cell.kind == "eval":
             assert cell.deps == (cell.config["train_cell"],)
     # The AST study's ASR-derived path is the ASR study's path cell.
@@ -225,6 +226,10 @@ def test_two_studies_with_the_same_axes_share_every_cell_but_the_summary(tmp_pat
     assert plan_summary(cells) == {"train": 1, "path": 1, "eval": 1, "prune": 8, "summary": 2}
     first, second = (c for c in cells if c.kind == "summary")
     assert first.deps == second.deps and first.id != second.id
+
+
+def _trains(cell: Cell) -> bool:
+    return cell.kind == "train" or (cell.kind == "prune" and cell.tags["healing"] != "none")
 
 
 def _heals_decoder(cell: Cell) -> bool:
@@ -281,9 +286,9 @@ CHANGES = {
         set_at("models/qwen2.5-7b-lora/decoder/lora/rank", 32),
         lambda c: c.kind == "train" and c.tags["model"] == "qwen2.5-7b-lora",
     ),
-    # The global batch is batch_size x processes: every baseline training, not healing.
-    "DDP training processes": ("paper.yaml", set_at("defaults/train_workers", 4), lambda c: c.kind == "train"),
-    "DDP training of the demo": ("demo.yaml", set_at("defaults/train_workers", 2), lambda c: c.kind == "train"),
+    # The global batch is batch_size x processes: every baseline training, and healing, which trains on it too.
+    "DDP training processes": ("paper.yaml", set_at("defaults/train_workers", 4), lambda c: _trains(c)),
+    "DDP training of the demo": ("demo.yaml", set_at("defaults/train_workers", 2), lambda c: _trains(c)),
 }
 
 
@@ -306,6 +311,41 @@ def test_one_training_process_is_the_default_and_keeps_single_process_ids(tmp_pa
     doc = yaml.safe_load((EXPERIMENTS / "demo.yaml").read_text())
     doc["defaults"]["train_workers"] = 1
     assert [c.id for c in expand(load_experiment(_write(tmp_path, doc)))] == [c.id for c in _cells("demo.yaml")]
+
+
+def test_healing_trains_on_the_global_batch_of_the_baseline_training():
+    # paper.yaml: batch 8 per GPU on 2 GPUs; healing, in one process, takes the 16 of one global batch per step.
+    exp = load_experiment(EXPERIMENTS / "paper.yaml")
+    cells = expand(exp)
+    by_id = {cell.id: cell for cell in cells}
+    healing = [c for c in cells if c.kind == "prune" and c.config["healing"] != "none"]
+    assert healing
+    for cell in healing:
+        train = by_id[cell.config["train_cell"]].config
+        assert cell.config["heal_train"]["batch_size"] == train["train"]["batch_size"] * train["train_workers"] == 16
+        assert cell.config["heal_train"]["steps"] == 5000
+    assert all("heal_train" not in c.config for c in cells if c.kind == "prune" and c.config["healing"] == "none")
+
+
+def test_the_path_convention_is_part_of_the_path_cell_and_labels_its_prune_cells(tmp_path):
+    doc = yaml.safe_load((EXPERIMENTS / "demo.yaml").read_text())
+    doc["studies"] = [
+        {"name": "conventions", "task": "asr", "models": ["tiny-qwen"], "depths": [3],
+         "paths": [{"source": "text"}, {"source": "text", "convention": "gromov"}], "healing": ["none"]},
+    ]  # fmt: skip
+    cells = expand(load_experiment(_write(tmp_path, doc)))
+    paths = [c for c in cells if c.kind == "path"]
+    assert [c.config["convention"] for c in paths] == ["paper", "gromov"]
+    assert [c.tags["path.convention"] for c in paths] == ["paper", "gromov"]
+    assert len({c.id for c in paths}) == 2
+    assert {k: v for k, v in paths[0].config.items() if k != "convention"} == {
+        k: v for k, v in paths[1].config.items() if k != "convention"
+    }
+    prunes = [c for c in cells if c.kind == "prune"]
+    assert [(c.config["path_cell"], c.tags["path.convention"]) for c in prunes] == [
+        (paths[0].id, "paper"),
+        (paths[1].id, "gromov"),
+    ]
 
 
 def test_cell_kind_is_checked():

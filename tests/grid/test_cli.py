@@ -14,7 +14,7 @@ import pytest
 from grid.cli import main
 from slam.config import DecoderConfig, DistanceConfig
 from slam.model import load_decoder
-from slam.redundancy import text_layer_distances
+from slam.redundancy import TEXT_TOKEN, text_layer_distances
 from tests.conftest import SENTENCES
 
 
@@ -23,7 +23,9 @@ def test_path_writes_the_contract(lm_dir, tmp_path, sentences, capsys):
     argv = ["path", "--model", str(lm_dir), "--text", str(SENTENCES), "--out", str(out)]
     assert main(argv + ["--max-samples", "7", "--batch-size", "3"]) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"model", "n_layers", "source", "num_samples", "distance", "path"}
+    assert set(report) == {"model", "n_layers", "source", "num_samples", "token", "layout", "convention", "distance",
+                           "path"}  # fmt: skip
+    assert (report["convention"], report["token"]) == ("paper", TEXT_TOKEN)
     m = report["n_layers"]
     assert (report["model"], m, report["source"], report["num_samples"]) == (str(lm_dir), 6, "text", 7)
     distance = np.array(report["distance"])
@@ -33,13 +35,32 @@ def test_path_writes_the_contract(lm_dir, tmp_path, sentences, capsys):
     np.testing.assert_allclose(distance, direct.distance, atol=1e-12)
     assert [step["n"] for step in report["path"]] == list(range(2, m))
     for step in report["path"]:
-        assert set(step) == {"n", "start", "removed", "fraction", "distance"}
+        assert set(step) == {"n", "start", "removed", "fraction", "distance", "receiving_layer"}
         assert step["removed"] == list(range(step["start"] + 1, step["start"] + step["n"]))
+        assert step["receiving_layer"] == step["start"] + 1
         assert step["fraction"] == (step["n"] - 1) / m
         assert step["distance"] == distance[step["start"], step["start"] + step["n"]]
         candidates = [distance[layer, layer + step["n"]] for layer in range(1, m - step["n"] + 1)]
         assert step["distance"] == min(candidates)
     assert str(out) in capsys.readouterr().out
+
+
+def test_path_convention_gromov_removes_the_n_layers_of_each_block(qwen_dir, tmp_path):
+    out = tmp_path / "gromov.json"
+    argv = ["path", "--model", str(qwen_dir), "--text", str(SENTENCES), "--out", str(out), "--max-samples", "5"]
+    assert main(argv + ["--convention", "gromov"]) == 0
+    report = json.loads(out.read_text())
+    m, distance = report["n_layers"], np.array(report["distance"])
+    assert report["convention"] == "gromov"
+    assert [step["n"] for step in report["path"]] == list(range(1, m - 1))
+    for step in report["path"]:
+        candidates = [distance[layer, layer + step["n"]] for layer in range(0, m - step["n"] + 1)]
+        assert step["start"] == int(np.argmin(candidates))
+        assert step["removed"] == list(range(step["start"] + 1, step["start"] + step["n"] + 1))
+        assert step["fraction"] == step["n"] / m
+    with pytest.raises(SystemExit) as caught:  # argparse: a choice that is not offered
+        main(argv + ["--convention", "shortgpt"])
+    assert caught.value.code == 2
 
 
 def test_path_skips_empty_lines_and_truncates(qwen_dir, tmp_path):

@@ -54,7 +54,7 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_cpus():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -69,7 +69,7 @@ def after_workers(world, ray_cpus) -> tuple[str, dict, _Pool]:
     uri = f"sqlite:///{world}/mlflow.db"
     store = GridStore(uri, "ddp")
     store.parent_run()
-    pool = _Pool(store, world / "out" / "ddp", cells, num_workers=None, use_gpu=None)
+    pool = _Pool(store, world / "out" / "ddp", str(world), cells, num_workers=None, use_gpu=None)
     text = [c for c in cells if c.tags["study"] in ("text-asr", "text-ast")]
     done: dict[str, str] = {}
     outcome: dict[str, object] = {}

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from grid.cells import expand
-from grid.experiment import ALL_DEPTHS, PathSpec, load_experiment
+from grid.experiment import ALL_DEPTHS, PathSpec, is_local_path, load_experiment, missing_paths, resolve_paths
 from slam.config import HEAL_STRATEGIES
 from slam.errors import BadInputError
 from tests.conftest import REPO
@@ -112,9 +112,19 @@ def test_demo_yaml_is_small():
         "ast": "Translate speech to Toy.",
     }
     assert {data.path for task in exp.tasks.values() for data in [task.train, *task.dev.values()]} == {
-        "experiments/demo/train.jsonl",
-        "experiments/demo/dev.jsonl",
+        "./demo/train.jsonl",
+        "./demo/dev.jsonl",
     }
+    # Relative to the file's directory, and every one of them shipped.
+    assert exp.root == EXPERIMENTS.resolve()
+    assert {str(path.resolved.relative_to(EXPERIMENTS.resolve())) for path in exp.local_paths} == {
+        "demo/models/encoder",
+        "demo/models/decoder",
+        "demo/train.jsonl",
+        "demo/dev.jsonl",
+        "demo/test.jsonl",
+    }
+    assert missing_paths(exp) == []
 
 
 @pytest.mark.parametrize("name", ["table1", "table2", "figure1", "figure2"])
@@ -242,7 +252,29 @@ BAD = {
     ),
     "unknown path key": (
         set_at("studies/0/paths/0", {"source": "speech", "layer": 3}),
-        "studies[0].paths[0].layer: unknown key; allowed keys: source, task, model",
+        "studies[0].paths[0].layer: unknown key; allowed keys: source, task, model, convention",
+    ),
+    "unknown path convention": (
+        set_at("studies/0/paths/0", {"source": "text", "convention": "shortgpt"}),
+        "studies[0].paths[0].convention='shortgpt' is not allowed: expected one of paper, gromov",
+    ),
+    "depth outside both conventions of a study": (
+        lambda doc: doc["studies"][0].update(
+            paths=[{"source": "text"}, {"source": "text", "convention": "gromov"}], depths=[2, 7]
+        ),  # fmt: skip
+        # paper's blocks are 2..7, gromov's 1..6: a depth both cut at lies in 2..6.
+        "studies[0].depths[1]=7 is not allowed: expected an integer in 2..6 (tiny has 8 layers; paper and gromov "
+        "conventions)",
+    ),
+    "a model directory written like a hub id": (
+        set_at("models/tiny/encoder/name", "experiments/demo/models/encoder"),
+        "models.tiny.encoder.name='experiments/demo/models/encoder' is not allowed: expected a hub id (org/name) or "
+        "a local path written ./path, ../path (relative to this file's directory), /path or ~/path",
+    ),
+    "a data directory written like a hub id": (
+        set_at("tasks/asr/eval/test", {"source": "librispeech", "path": "data/LibriSpeech/test", "split": "test"}),
+        "tasks.asr.eval.test.path='data/LibriSpeech/test' is not allowed: expected a hub id (org/name) or a local "
+        "path written ./path, ../path (relative to this file's directory), /path or ~/path",
     ),
     "path from a model of another depth": (
         set_at("studies/0/paths/0", {"source": "speech", "model": "shallow"}),
@@ -402,6 +434,53 @@ def test_base_file_gives_sections_and_its_errors_name_it(tmp_path):
     with pytest.raises(BadInputError) as caught:
         load_experiment(child)
     assert str(caught.value).startswith(f"{base}: models.tiny.layers='eight' is not allowed")
+
+
+def test_local_paths_are_relative_to_the_file_and_hub_ids_stay_hub_ids(tmp_path, monkeypatch):
+    doc = _doc()
+    doc["models"]["tiny"]["encoder"]["name"] = "./models/enc"
+    doc["models"]["tiny"]["decoder"]["name"] = "Qwen/Qwen2.5-7B"
+    doc["models"]["shallow"]["decoder"] = {"name": "../shared/dec"}
+    doc["tasks"]["ast"]["dev"]["dev"] = {"source": "covost2", "path": "facebook/covost2", "name": "en_de"}
+    (tmp_path / "sub").mkdir()
+    path = _write(tmp_path / "sub", doc)
+    monkeypatch.chdir(tmp_path.parent)  # not the file's directory: nothing depends on where the run starts
+    exp = load_experiment(path)
+    here = (tmp_path / "sub").resolve()
+    assert exp.root == here
+    local = {(p.where, p.written): p.resolved for p in exp.local_paths}
+    assert local[("models.tiny.encoder.name", "./models/enc")] == here / "models" / "enc"
+    assert local[("models.shallow.decoder.name", "../shared/dec")] == tmp_path.resolve() / "shared" / "dec"
+    assert local[("tasks.asr.train.path", "missing/train.jsonl")] == here / "missing" / "train.jsonl"  # a manifest
+    assert not any(p.written in ("Qwen/Qwen2.5-7B", "facebook/covost2", "dec") for p in exp.local_paths)
+    assert {p.where for p in missing_paths(exp)} == {p.where for p in exp.local_paths}
+    # Cells keep the paths as written (their ids do not depend on where the files sit); a worker resolves them.
+    cell = next(c for c in expand(exp) if c.kind == "train")
+    assert cell.config["speech_llm"]["encoder"]["name"] == "./models/enc"
+    resolved = resolve_paths(cell.config, exp.root)
+    assert resolved["speech_llm"]["encoder"]["name"] == str(here / "models" / "enc")
+    assert resolved["speech_llm"]["decoder"]["name"] == "Qwen/Qwen2.5-7B"
+    assert resolved["data"]["path"] == str(here / "missing" / "train.jsonl")
+    assert cell.config["data"]["path"] == "missing/train.jsonl"  # the cell's own config is left as it was
+    monkeypatch.chdir(tmp_path)
+    relative = resolve_paths(cell.config, "sub")  # a root given relative to the working directory
+    assert relative == resolved
+    assert is_local_path("~/x") and is_local_path("/x") and not is_local_path("org/name")
+    assert is_local_path("train.jsonl", "manifest") and not is_local_path("train.jsonl", "librispeech")
+
+
+def test_a_based_file_s_paths_are_relative_to_its_base_file(tmp_path):
+    doc = _doc()
+    doc["models"]["tiny"]["encoder"]["name"] = "./enc"
+    _write(tmp_path, doc, "base.yaml")
+    (tmp_path / "tables").mkdir()
+    child = tmp_path / "tables" / "child.yaml"
+    child.write_text(yaml.safe_dump({"name": "child", "base": "../base.yaml", "studies": doc["studies"]}))
+    exp = load_experiment(child)
+    assert exp.root == tmp_path.resolve()
+    assert {p.file for p in exp.local_paths} == {str(child.parent / "../base.yaml")}
+    encoder = next(p for p in exp.local_paths if p.where == "models.tiny.encoder.name")
+    assert encoder.resolved == tmp_path.resolve() / "enc"
 
 
 def test_loading_imports_neither_ray_nor_mlflow_nor_torch():

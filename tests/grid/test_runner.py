@@ -31,7 +31,7 @@ from grid.tracking import GridStore
 from slam.config import DecoderConfig, DistanceConfig, EncoderConfig, ProjectorConfig, SpeechLLMConfig
 from slam.metrics import removable_fraction
 from slam.model import load_decoder
-from slam.redundancy import text_layer_distances
+from slam.redundancy import SPEECH_TOKEN, TEXT_TOKEN, text_layer_distances
 from slam.tiny import build_tiny_lm
 from tests.grid.world import LAYERS, TEXTS, build_world, cell_runs, write_experiment
 
@@ -52,7 +52,7 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -117,8 +117,13 @@ def test_path_cells_log_the_path_contract(first_run, world):
     assert sorted(run.data.tags["path.source"] for run in paths) == ["speech", "speech", "text"]
     for run in paths:
         report = GridStore(uri, "runner").load_json_artifact(run.info.run_id, "distance.json")
-        assert set(report) == {"model", "n_layers", "source", "num_samples", "distance", "path"}
-        assert (report["model"], report["n_layers"]) == (str(world / "lm"), LAYERS)
+        assert set(report) == {
+            "model", "n_layers", "source", "num_samples", "token", "layout", "convention", "distance", "path"
+        }  # fmt: skip
+        assert (report["model"], report["n_layers"], report["convention"]) == (str(world / "lm"), LAYERS, "paper")
+        token = SPEECH_TOKEN if report["source"] == "speech" else TEXT_TOKEN
+        assert report["token"] == run.data.tags["measured_token"] == token
+        assert report["layout"] == run.data.tags["layout"]
         assert (report["source"], report["num_samples"]) == (run.data.tags["path.source"], 4)
         distance = np.array(report["distance"])
         np.testing.assert_allclose(distance, distance.T, atol=1e-12)
@@ -172,10 +177,24 @@ def test_summaries_equal_the_slam_functions_on_the_logged_metrics(first_run):
     assert client.get_run(text_summary.info.run_id).info.status == "FINISHED"
 
 
+def test_a_missing_local_path_stops_the_run_before_any_cell_naming_file_key_and_path(world, tmp_path, capsys):
+    path = write_experiment(world, "missing", STUDIES[:1], dev="nowhere/dev.jsonl")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["run", str(path), "--tracking-uri", uri, "--workdir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"slamgrid: error: {path}: tasks.asr.dev.dev.path={str(world / 'nowhere/dev.jsonl')!r}: no such file or "
+        f"directory: {world / 'nowhere/dev.jsonl'} (and 1 more)"
+    ]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()
+
+
 def test_a_failed_cell_blocks_its_dependents_and_reruns_in_the_same_run(world, ray_cluster, capsys):
     uri = f"sqlite:///{world}/mlflow.db"
     study = {**STUDIES[0], "healing": ["none"]}
     path = write_experiment(world, "broken", [study], dev="late-dev.jsonl")
+    # The manifest is there (the run checks that before starting anything), the audio it names is not yet.
+    (world / "late-dev.jsonl").write_text('{"id": "late", "audio": "audio/late.flac", "text": "late news"}\n')
     argv = ["--tracking-uri", uri]
     assert main(["run", str(path), *argv, "--workdir", str(world / "out")]) == 1
     assert "FAILED" in capsys.readouterr().out
@@ -188,7 +207,7 @@ def test_a_failed_cell_blocks_its_dependents_and_reruns_in_the_same_run(world, r
         "prune": "BLOCKED",
         "summary": "BLOCKED",
     }
-    assert "BadInputError" in status["path"].reason and "late-dev.jsonl" in status["path"].reason
+    assert "missing audio file" in status["path"].reason and "late-dev.jsonl line 1" in status["path"].reason
     assert status["prune"].reason == f"dependency path {status['path'].cell.id} is FAILED"
     assert main(["status", str(path), *argv]) == 0
     out = capsys.readouterr().out
@@ -203,35 +222,41 @@ def test_a_failed_cell_blocks_its_dependents_and_reruns_in_the_same_run(world, r
     assert rerun.info.run_id == status["path"].run_id and "error" not in rerun.data.tags
 
 
-def test_a_train_cell_skips_bad_audio_under_skip_and_reports_it(world, ray_cluster):
+def test_training_and_healing_skip_bad_audio_under_skip_and_report_it(world, ray_cluster):
     lines = (world / "train.jsonl").read_text().splitlines()
     (world / "audio" / "broken.flac").write_bytes(np.random.default_rng(1).bytes(3000))
     broken = json.dumps({"id": "broken", "audio": "audio/broken.flac", "text": "a broken file", "translation": "x"})
     (world / "train-broken.jsonl").write_text("\n".join([*lines[:3], broken, *lines[3:]]) + "\n")
-    path = write_experiment(
-        world, "broken-audio", [{k: v for k, v in STUDIES[0].items() if k != "healing"} | {"depths": []}]
-    )
+    study = {**STUDIES[0], "paths": [{"source": "text"}], "depths": [2], "healing": ["decoder+projector"]}
+    path = write_experiment(world, "broken-audio", [study])
     experiment = yaml.safe_load(path.read_text())
     experiment["tasks"]["asr"]["train"] = {
         "source": "manifest",
         "path": str(world / "train-broken.jsonl"),
         "on_bad_sample": "skip",
     }
-    experiment["defaults"]["train"] = {**experiment["defaults"]["train"], "steps": 6}  # 12 of 9: every sample
+    # 12 samples of 9 in both: every sample is met, the broken one too.
+    experiment["defaults"]["train"] = {**experiment["defaults"]["train"], "steps": 6}
+    experiment["defaults"]["heal_train"] = {"steps": 6}
     path.write_text(yaml.safe_dump(experiment, sort_keys=False))
     uri = f"sqlite:///{world}/mlflow.db"
 
     report = run_experiment(path, tracking_uri=uri, workdir=world / "out")
 
     assert report.failed == []
-    train = next(run for run in cell_runs(uri, "broken-audio") if run.data.tags["cell_kind"] == "train")
-    assert train.data.metrics["train.skipped"] == 1
-    local = MlflowClient(uri).download_artifacts(train.info.run_id, "train_skipped.json", str(world))
-    listed = json.loads(Path(local).read_text())
-    assert [where for where, _ in listed] == [
-        f"{world / 'train-broken.jsonl'} line 4 ({world / 'audio' / 'broken.flac'})"
-    ]
-    assert "cannot decode audio" in listed[0][1]
+    runs = cell_runs(uri, "broken-audio")
+    trained = [run for run in runs if run.data.tags["cell_kind"] in ("train", "prune")]
+    assert sorted(run.data.tags["cell_kind"] for run in trained) == ["prune", "train"]
+    for run in trained:  # the baseline training, and the healing of the prune cell
+        assert run.data.metrics["train.skipped"] == 1
+        local = MlflowClient(uri).download_artifacts(
+            run.info.run_id, "train_skipped.json", str(world / run.info.run_id)
+        )
+        listed = json.loads(Path(local).read_text())
+        assert [where for where, _ in listed] == [
+            f"{world / 'train-broken.jsonl'} line 4 ({world / 'audio' / 'broken.flac'})"
+        ]
+        assert "cannot decode audio" in listed[0][1]
 
 
 @pytest.mark.slow

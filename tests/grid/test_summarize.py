@@ -1,7 +1,8 @@
 """The demo grid end to end, shrunk, and `slamgrid summarize` on its store.
 
-`experiments/demo.yaml` runs as shipped (the demo backbones, corpus, studies and prompts) except for its sizes:
-20 training steps, 3 healing steps, 8 training, 4 dev and 6 test utterances, fewer depths. The summary's numbers
+`experiments/demo.yaml` runs as shipped (the demo backbones, corpus, studies and prompts) except for its sizes
+(`tests.grid.world.shrunk_demo`): 20 training steps, 3 healing steps, 8 training, 4 dev and 6 test utterances, fewer
+depths. The summary's numbers
 are then checked against the slam functions applied to what the cells logged (their hypotheses and references).
 """
 
@@ -15,15 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-import yaml
 from mlflow.tracking import MlflowClient
 
 from grid.cells import expand
 from grid.cli import main
 from grid.experiment import load_experiment
-from grid.summarize import REPORT_DIR, collect, summarize
+from grid.summarize import REPORT_DIR, collect, summarize, table1
 from grid.tracking import GridStore
-from slam.metrics import corpus_bleu, corpus_wer, removable_fraction
+from slam.metrics import corpus_bleu, corpus_wer, format_percent, removable_fraction
+from slam.redundancy import path_agreement
+from tests.grid.world import shrunk_demo
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "experiments" / "demo.yaml"
@@ -33,9 +35,9 @@ DEMO = REPO / "experiments" / "demo.yaml"
 def demo_run(tmp_path_factory) -> tuple[Path, str, str]:
     """The shrunk demo grid run once through `slamgrid run` on a local Ray with 2 logical GPUs: (file, uri, stdout)."""
     root = tmp_path_factory.mktemp("demo")
-    path = _shrunk_demo(root)
+    path = shrunk_demo(root)
     uri = f"sqlite:///{root}/mlflow.db"
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
     try:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -81,7 +83,7 @@ def test_table1_equals_the_slam_metrics_on_the_logged_hypotheses(demo_run):
         row = next(line for line in lines if line.startswith("tiny-qwen") and result["healing"] in line.split())
         assert row.split()[-1] == f"{baseline['test']:.2f}"
         pruned_line = lines[lines.index(row) + 1].split()
-        assert pruned_line[:3] == ["+", "pruning", f"{100 * expected:.1f}"]
+        assert pruned_line[:3] == ["+", "pruning", format_percent(expected)]
         if expected > 0:
             assert pruned_line[3] == f"{pruned[expected]['test']:.2f}"
 
@@ -103,12 +105,12 @@ def test_table2_equals_the_slam_bleu_of_each_path(demo_run):
         scores = {r.data.metrics["fraction"]: {"test": _rescored(store, r, "bleu")} for r in _select(runs, wanted)}
         assert len(scores) == 1
         ((fraction, score),) = scores.items()
-        line = next(row.split() for row in rows if row.startswith(f"{100 * fraction:.1f}"))
+        line = next(row.split() for row in rows if row.startswith(format_percent(fraction)))
         assert line[1 + column] == f"{score['test']:.2f}"
         removable = next(row.split() for row in rows if row.startswith("removable"))
         expected = removable_fraction(baseline, scores, "bleu") if baseline["test"] > 0 else None
         assert result["removable_fraction"] == expected
-        assert removable[2 + column] == ("n/a" if expected is None else f"{100 * expected:.1f}")
+        assert removable[2 + column] == ("n/a" if expected is None else format_percent(expected))
 
 
 def test_summarize_logs_tables_and_figures_to_the_parent_run(demo_run, capsys):
@@ -121,12 +123,37 @@ def test_summarize_logs_tables_and_figures_to_the_parent_run(demo_run, capsys):
     logged = {a.path for a in client.list_artifacts(parent, REPORT_DIR)}
     assert logged == {
         f"{REPORT_DIR}/{name}"
-        for name in ("table1.txt", "table2.txt", "summary.json", "figure1.png", "figure2.png", "figure2_bleu.png")
-    }
+        for name in (
+            "table1.txt", "table2.txt", "paths.txt", "summary.json", "figure1.png", "figure2.png", "figure2_bleu.png"
+        )
+    }  # fmt: skip
     saved = store.load_json_artifact(parent, f"{REPORT_DIR}/summary.json")
-    assert saved["table1"] in out and saved["table2"] in out
-    # Figure 1 has one panel per path cell: speech (asr), speech (ast), text (asr).
-    assert [(p["source"], p["task"]) for p in saved["paths"]] == [("speech", "asr"), ("speech", "ast"), ("text", "asr")]
+    assert saved["table1"] in out and saved["table2"] in out and saved["paths_text"] in out
+    # Figure 1 has one panel per path cell: speech (asr), speech (ast), text (asr), text (asr) in gromov's convention.
+    assert [(p["source"], p["task"], p["convention"]) for p in saved["paths"]] == [
+        ("speech", "asr", "paper"),
+        ("speech", "ast", "paper"),
+        ("text", "asr", "paper"),
+        ("text", "asr", "gromov"),
+    ]
+    # Figure 1 (a) vs (b): the text and the speech path of asr-text-path and figure1, compared once.
+    text, speech = (next(p for p in saved["paths"] if (p["source"], p["task"], p["convention"]) == (source, "asr",
+                    "paper")) for source in ("text", "speech"))  # fmt: skip
+    agreement = path_agreement(text, speech)
+    assert saved["paths_text"].splitlines()[1:] == [
+        f"  tiny-qwen: text-asr vs speech-asr (paper convention): mean |D_text - D_speech| over the path's blocks "
+        f"{agreement['mean_abs_diff']:.4f}; the same block at {len(agreement['same_block'])} of 6 depths"
+    ]
+    for study in ("asr-text-path", "figure1"):
+        table = next(t for t in saved["studies"] if t["study"] == study)
+        (pair,) = table["agreement"]
+        assert pair["mean_abs_diff"] == pytest.approx(agreement["mean_abs_diff"], abs=1e-12)
+        summary_run = next(
+            r for r in _runs(uri) if r.data.tags["cell_kind"] == "summary" and r.data.tags["study"] == study
+        )
+        key = "path_agreement.tiny-qwen.text-asr.speech-asr"
+        assert summary_run.data.metrics[f"{key}.same_block"] == len(agreement["same_block"])
+        assert summary_run.data.metrics[f"{key}.depths"] == 6
     for report in saved["paths"]:
         distance = np.array(report["distance"])
         assert distance.shape == (9, 9) and np.all(np.diag(distance) == 0)
@@ -151,33 +178,37 @@ def test_a_partial_grid_is_summarised_from_its_finished_cells(demo_run):
     assert summary.table1 == "" and "figure2" not in summary.figures
 
 
+# Table 1 of the paper: (layers removed, decoder depth) and the "% drop" it prints.
+PAPER_TABLE_1 = {"Qwen2.5-7B": (8, 28, "28.6"), "Qwen2.5-7B + LoRA": (5, 28, "17.9"), "Qwen2.5-3B": (11, 36, "30.6"),
+                 "Qwen2.5-1.5B": (7, 28, "25.0"), "Llama-3.1-8B": (14, 32, "43.8"), "Llama-3.2-3B": (11, 28, "39.3"),
+                 "Llama-3.2-1B": (1, 16, "6.3")}  # fmt: skip
+
+
+def test_table1_prints_every_paper_row_s_fraction_as_the_paper_does():
+    results = [
+        {
+            "model": model.replace(" ", ""),
+            "path_label": "speech-asr",
+            "healing": "decoder+projector",
+            "baseline": {"test-clean": 2.0},
+            "rows": [{"fraction": removed / depth, "scores": {"test-clean": 2.1}}],
+            "removable_fraction": removed / depth,
+            "note": None,
+        }
+        for model, (removed, depth, _) in PAPER_TABLE_1.items()
+    ]
+    study = {"study": "asr", "metric": "wer", "threshold": 0.25, "results": results}
+    lines = table1([study]).splitlines()
+    printed = [line.split()[2] for line in lines if line.startswith("+ pruning")]
+    assert printed == [percent for _, _, percent in PAPER_TABLE_1.values()]
+
+
 def test_summarize_without_a_run_is_a_clear_error(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/none.db"
     assert main(["summarize", str(DEMO), "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert err.startswith("slamgrid: error: ") and "has no experiment 'demo'" in err
     assert not (tmp_path / "none.db").exists()
-
-
-def _shrunk_demo(root: Path) -> Path:
-    doc = yaml.safe_load(DEMO.read_text())
-    doc["defaults"]["train"].update(steps=20, log_every=10, checkpoint_every=10)
-    doc["defaults"]["heal_train"].update(steps=3)
-    doc["defaults"]["distance"].update(max_samples=4)
-    for model in doc["models"].values():
-        for part in ("encoder", "decoder"):
-            model[part]["name"] = str(REPO / model[part]["name"])
-    sizes = {"train": 8, "dev": 4, "test": 6}
-    for task in doc["tasks"].values():
-        task["train"] = {**task["train"], "path": str(REPO / task["train"]["path"]), "max_samples": sizes["train"]}
-        for group in ("dev", "eval"):
-            for name, data in task[group].items():
-                task[group][name] = {**data, "path": str(REPO / data["path"]), "max_samples": sizes[name]}
-    doc["studies"][0]["depths"] = [2, 3]
-    doc["studies"][1]["depths"] = [3]
-    path = root / "demo.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
 
 
 def _runs(uri: str):

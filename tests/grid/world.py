@@ -19,6 +19,8 @@ from slam.tiny import build_tiny_lm, build_tiny_wavlm
 
 TEXTS = ["the river ran cold", "she opened the window", "a small boat", "seven birds", "a long letter",
          "the old bridge", "morning air", "his brother"]  # fmt: skip
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo"
+"""The shipped demo world."""
 LAYERS = 4
 TRAIN = {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 2}
 """The experiments' default training: 4 steps of 2 utterances."""
@@ -105,6 +107,32 @@ def write_experiment(
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    return path
+
+
+def shrunk_demo(root: Path) -> Path:
+    """`experiments/demo.yaml` shrunk, written to `root/demo.yaml` beside a link `root/demo` to the shipped world.
+
+    Everything is as shipped (backbones, corpus, studies, prompts, relative paths) but the sizes: 20 training steps,
+    3 healing steps, 8 training, 4 dev and 6 test utterances, depths 2 and 3 (ASR) and 3 (AST). Its `./demo/...`
+    paths resolve against `root`, through the link.
+    """
+    doc = yaml.safe_load((DEMO.parent / "demo.yaml").read_text())
+    doc["defaults"]["train"].update(steps=20, log_every=10, checkpoint_every=10)
+    doc["defaults"]["heal_train"].update(steps=3)
+    doc["defaults"]["distance"].update(max_samples=4)
+    sizes = {"train": 8, "dev": 4, "test": 6}
+    for task in doc["tasks"].values():
+        task["train"] = {**task["train"], "max_samples": sizes["train"]}
+        for group in ("dev", "eval"):
+            for name, data in task[group].items():
+                task[group][name] = {**data, "max_samples": sizes[name]}
+    doc["studies"][0]["depths"] = [2, 3]
+    doc["studies"][1]["depths"] = [3]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "demo").symlink_to(DEMO, target_is_directory=True)
+    path = root / "demo.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 

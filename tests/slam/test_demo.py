@@ -20,6 +20,7 @@ from slam.config import (
     DataConfig,
     DecodeConfig,
     DecoderConfig,
+    DistanceConfig,
     EncoderConfig,
     ProjectorConfig,
     SpeechLLMConfig,
@@ -29,7 +30,8 @@ from slam.config import (
 from slam.data import load_dataset
 from slam.evaluate import evaluate
 from slam.metrics import corpus_wer
-from slam.model import build_speech_llm, decoder_stack
+from slam.model import build_speech_llm, decoder_stack, load_decoder
+from slam.redundancy import pruning_path, text_layer_distances
 from slam.train import train
 
 DEMO_DIR = demo.DEMO_DIR
@@ -47,13 +49,25 @@ def test_the_shipped_sentences_are_the_seeded_grammar_draw(rows):
 
 def test_splits_hold_unseen_sentences_of_seen_words(rows):
     by_split = {split: [row.english for row in rows if row.split == split] for split in demo.SPLITS}
-    assert {split: len(texts) for split, texts in by_split.items()} == {"train": 380, "dev": 40, "test": 60}
+    assert {split: len(texts) for split, texts in by_split.items()} == {"train": 380, "dev": 40, "test": 300}
     assert len({row.english for row in rows}) == len(rows)
     train_words = {word for text in by_split["train"] for word in text.split()}
     for text in by_split["dev"] + by_split["test"]:
         assert set(text.split()) <= train_words, text
     assert all(4 <= len(row.english.split()) <= 8 for row in rows)
     assert [row.id for row in rows if row.split == "test"][:2] == ["test-0001", "test-0002"]
+
+
+def test_the_lm_never_learnt_a_dev_or_test_sentence_and_the_added_test_sentences_left_its_text_as_it_was(rows):
+    lm = demo.DecoderTrainConfig()
+    learnt = demo.draw_extra_sentences(lm.extra_sentences, [row.english for row in rows], lm.seed)
+    held_out = {row.english for row in rows if row.split != "train"}
+    assert not held_out & set(learnt)
+    # `train_decoder` draws its text excluding every corpus sentence; without the 240 test sentences added after
+    # the LM was built it draws the same text, so the shipped LM is still what the builder makes.
+    first = [row.english for row in rows if row.split != "test" or int(row.id.split("-")[1]) <= demo.TextConfig().test]
+    assert len(first) == 480
+    assert demo.draw_extra_sentences(lm.extra_sentences, first, lm.seed) == learnt
 
 
 def test_toy_is_a_dictionary_with_adjectives_after_their_noun(rows):
@@ -123,6 +137,18 @@ def test_the_backbones_load_passed_their_gates_and_fit_the_budget():
     assert model.encoder.model.config.hidden_size == demo.EncoderTrainConfig().hidden
     assert not any(p.requires_grad for p in model.encoder.parameters())
     assert not any(p.requires_grad for p in model.decoder.parameters())
+
+
+def test_the_two_block_conventions_pick_different_blocks_on_the_demo_decoder():
+    decoder, tokenizer = load_decoder(DecoderConfig(str(DEMO_DIR / "models" / "decoder")))
+    texts = load_dataset(DataConfig(source="manifest", path=str(DEMO_DIR / "dev.jsonl"))).texts()
+    distance = text_layer_distances(decoder, tokenizer, texts, DistanceConfig()).distance
+    paper = {len(step.removed): step.removed for step in pruning_path(distance, "paper")}
+    gromov = {len(step.removed): step.removed for step in pruning_path(distance, "gromov")}
+    assert sorted(paper) == sorted(gromov) == [1, 2, 3, 4, 5, 6]
+    # At equal numbers of removed layers (as the README says), and gromov alone removes the last layer.
+    assert [count for count in paper if paper[count] != gromov[count]] == [2, 5, 6]
+    assert 8 in gromov[6] and all(8 not in removed for removed in paper.values())
 
 
 def test_builder_configs_name_the_bad_field():

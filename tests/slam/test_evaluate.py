@@ -77,6 +77,20 @@ def test_evaluate_reads_skips_from_a_dataset(model, utterances):
         evaluate(model, utterances, "mt", DecodeConfig())
 
 
+def test_a_reference_the_normaliser_empties_is_excluded_and_listed_not_an_error(model, utterances):
+    # "Um." is a filler the Whisper normaliser removes: that utterance has no word to score.
+    filler = Utterance("um", utterances[0].audio, "Um.", "UM.")
+    cfg = DecodeConfig(batch_size=2, max_new_tokens=6)
+
+    result = evaluate(model, [utterances[1], filler, utterances[2]], "asr", cfg)
+
+    assert result.ids == ["u1", "um", "u2"] and result.excluded == ["um"]
+    kept = [0, 2]
+    expected = corpus_wer([result.hypotheses[i] for i in kept], [result.references[i] for i in kept])
+    assert result.score == pytest.approx(100 * expected.wer)
+    assert result.wer.num_ref_words == 6 + 4  # "a cat sat on the mat", "she kept a diary"
+
+
 @pytest.mark.parametrize("lora", [None, LoRAConfig(rank=4, alpha=8)])
 def test_saved_speech_llm_reloads_with_its_trained_weights(qwen_dir, wavlm_dir, tmp_path, utterances, lora):
     cfg = SpeechLLMConfig(

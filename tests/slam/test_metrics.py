@@ -13,6 +13,7 @@ from slam.metrics import (
     WERResult,
     corpus_bleu,
     corpus_wer,
+    format_percent,
     normalize_english,
     relative_change,
     removable_fraction,
@@ -99,15 +100,40 @@ def test_corpus_wer_rejects_empty_input():
         corpus_wer([], [])
 
 
-def test_corpus_wer_rejects_reference_empty_after_normalisation():
-    # The Whisper normaliser drops filler words, so "Um." normalises to the empty string.
-    with pytest.raises(ValueError, match="reference 1 is empty"):
-        corpus_wer(["a b", "um"], ["a b", "Um."])
+def test_corpus_wer_excludes_a_reference_empty_after_normalisation_and_lists_it():
+    # The Whisper normaliser drops filler words, so "Um." normalises to the empty string: the utterance has no
+    # word to recognise, so it leaves the score (its hypothesis "uh huh" adds no insertion) and is listed.
+    result = corpus_wer(["a b", "uh huh", "c x"], ["a b", "Um.", "c d"])
+
+    assert result.excluded == (1,)
+    assert (result.num_ref_words, result.substitutions, result.insertions) == (4, 1, 0)
+    assert result.wer == pytest.approx(1 / 4)
+    without = corpus_wer(["a b", "c x"], ["a b", "c d"])
+    assert (result.wer, result.hits, result.deletions) == (without.wer, without.hits, without.deletions)
 
 
-def test_corpus_wer_rejects_empty_reference_without_normalisation():
-    with pytest.raises(ValueError, match="reference 0 is empty"):
-        corpus_wer(["a"], ["  "], normalize=False)
+def test_corpus_wer_excludes_an_empty_reference_without_normalisation():
+    result = corpus_wer(["a", "b"], ["  ", "b"], normalize=False)
+
+    assert (result.excluded, result.wer, result.num_ref_words) == ((0,), 0.0, 1)
+
+
+def test_corpus_wer_rejects_a_corpus_whose_every_reference_is_empty():
+    with pytest.raises(ValueError, match="every one of the 2 references is empty after normalisation"):
+        corpus_wer(["um", "a"], ["Um.", "Uh!"])
+
+
+@pytest.mark.parametrize("model", list(TABLE_1))
+def test_format_percent_prints_every_table_1_fraction_as_the_paper(model):
+    _, _, removed, depth, percentage = TABLE_1[model]
+
+    assert format_percent(removed / depth) == f"{percentage:.1f}"
+
+
+@pytest.mark.parametrize(("fraction", "text"), [(1 / 16, "6.3"), (1 / 80, "1.3"), (3 / 16, "18.8"), (0.0, "0.0"),
+                                                (1.0, "100.0"), (1 / 32, "3.1"), (2 / 7, "28.6")])  # fmt: skip
+def test_format_percent_rounds_half_up(fraction, text):
+    assert format_percent(fraction) == text
 
 
 def test_corpus_bleu_matches_sacrebleu():

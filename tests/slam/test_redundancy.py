@@ -12,7 +12,18 @@ from torch import nn
 from slam.config import DecoderConfig, DistanceConfig, EncoderConfig, ProjectorConfig, SpeechLLMConfig
 from slam.errors import BadInputError
 from slam.model import build_speech_llm, load_decoder
-from slam.redundancy import angular_distance_matrix, pruning_path, speech_layer_distances, text_layer_distances
+from slam.redundancy import (
+    SPEECH_TOKEN,
+    TEXT_TOKEN,
+    angular_distance_matrix,
+    depth_range,
+    layer_distances,
+    path_agreement,
+    path_report,
+    pruning_path,
+    speech_layer_distances,
+    text_layer_distances,
+)
 
 ATOL = 1e-5
 
@@ -153,6 +164,85 @@ def test_speech_distances_are_padding_aware(qwen_dir, whisper_dir):
     assert batched.distance.shape == (m + 1, m + 1)
     np.testing.assert_allclose(batched.per_sample, alone.per_sample, atol=ATOL)
     assert batched.num_samples == 3
+
+
+def test_speech_states_are_read_at_the_last_target_token_the_one_a_text_path_ends_on(qwen_dir, wavlm_dir):
+    model = build_speech_llm(
+        SpeechLLMConfig(EncoderConfig(str(wavlm_dir)), DecoderConfig(str(qwen_dir)), ProjectorConfig(hidden=32))
+    ).eval()
+    rng = np.random.default_rng(0)
+    texts = ["the river ran cold", "a cat"]
+    waves = [rng.standard_normal(n).astype(np.float32) for n in (16_000, 6_000)]
+    result = speech_layer_distances(model, list(zip(waves, texts)), DistanceConfig(batch_size=2))
+    assert (result.token, result.layout) == (SPEECH_TOKEN, "[BOS if the tokenizer has one] speech prompt target")
+    with torch.no_grad():
+        inputs = model.decoder_inputs(waves, texts, eos=False)
+        expected = layer_distances(model.decoder, [inputs])
+        with_eos = model.decoder_inputs(waves, texts)
+    np.testing.assert_allclose(result.per_sample, expected.per_sample, atol=ATOL)
+    embed = model.decoder.get_input_embeddings()
+    lengths = inputs.attention_mask.sum(dim=1)
+    for row, text in enumerate(texts):
+        last_text_token = model.tokenizer(text)["input_ids"][-1]  # what the text path ends on (Qwen adds nothing)
+        torch.testing.assert_close(inputs.inputs_embeds[row, lengths[row] - 1], embed.weight[last_text_token])
+        # The training layout has one more token, the EOS, which the measurement leaves out.
+        assert int(with_eos.attention_mask[row].sum()) == int(lengths[row]) + 1
+    text = text_layer_distances(model.decoder, model.tokenizer, texts, DistanceConfig())
+    assert (text.token, text.layout) == (TEXT_TOKEN, "[the tokenizer's special tokens] text")
+
+
+def test_gromov_convention_removes_the_n_layers_each_block_spans():
+    m = 6
+    rng = np.random.default_rng(1)
+    d = rng.uniform(0.3, 0.9, size=(m + 1, m + 1))
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0.0)
+    d[0, 1] = d[1, 0] = 0.01  # n=1: h_0 is a candidate start under gromov: remove layer 1
+    d[3, 5] = d[5, 3] = 0.02  # n=2: start 3, remove 4, 5 (the paper's n=2 would remove 4 alone)
+    d[3, 6] = d[6, 3] = 0.03  # n=3: start 3, remove 4..6, the last layers: layer 3 gets the healing LoRA
+    d[0, 4] = d[4, 0] = 0.04  # n=4: start 0, remove 1..4
+    gromov = pruning_path(d, "gromov")
+    assert [s.n for s in gromov] == list(depth_range(m, "gromov")) == [1, 2, 3, 4]
+    assert [s.start for s in gromov] == [0, 3, 3, 0]
+    assert [s.removed for s in gromov] == [(1,), (4, 5), (4, 5, 6), (1, 2, 3, 4)]
+    assert [s.fraction for s in gromov] == [1 / 6, 2 / 6, 3 / 6, 4 / 6]
+    assert [s.receiving_layer for s in gromov] == [1, 4, 3, 1]
+    assert [s.distance for s in gromov] == [0.01, 0.02, 0.03, 0.04]
+    assert {s.convention for s in gromov} == {"gromov"}
+    paper = pruning_path(d)
+    assert [s.n for s in paper] == list(depth_range(m)) == [2, 3, 4, 5]
+    assert [s.removed for s in paper][:2] == [(4,), (4, 5)]  # paper n=3 from start 3 spans h_3..h_6
+    assert [s.receiving_layer for s in paper] == [s.start + 1 for s in paper]
+    with pytest.raises(ValueError, match="path.convention=.prune-me. is not allowed: expected one of paper, gromov"):
+        pruning_path(d, "prune-me")
+
+
+def test_path_report_records_the_convention_and_round_trips_its_steps(lm, sentences):
+    decoder, tokenizer = lm
+    result = text_layer_distances(decoder, tokenizer, sentences[:4], DistanceConfig())
+    for convention in ("paper", "gromov"):
+        report = path_report("lm", result, "text", convention)
+        assert report["convention"] == convention and report["token"] == TEXT_TOKEN
+        assert report["path"] == [step.to_dict() for step in pruning_path(result.distance, convention)]
+        assert report["distance"] == result.distance.tolist() and report["n_layers"] == result.n_layers
+
+
+def test_path_agreement_over_the_candidate_blocks():
+    m = 4
+    a, b = np.full((m + 1, m + 1), 0.5), np.full((m + 1, m + 1), 0.5)
+    a[1, 3] = a[3, 1] = 0.1
+    b[2, 4] = b[4, 2] = 0.2
+    first, second = (
+        {"n_layers": m, "convention": "paper", "distance": x.tolist(), "path": [s.to_dict() for s in pruning_path(x)]}
+        for x in (a, b)
+    )
+    agreement = path_agreement(first, second)
+    # |0.1 - 0.5| at (1, 3), |0.5 - 0.2| at (2, 4), 0 at (1, 4): the only candidate blocks for m = 4.
+    assert agreement["mean_abs_diff"] == pytest.approx((0.4 + 0.3 + 0.0) / 3)
+    assert agreement["depths"] == [2, 3] and agreement["same_block"] == [3]
+    assert agreement["blocks"]["2"] == [[2], [3]]
+    with pytest.raises(ValueError, match="do not compare"):
+        path_agreement(first, {**second, "convention": "gromov"})
 
 
 def test_path_picks_the_known_argmin_and_removes_n_minus_1_layers():
