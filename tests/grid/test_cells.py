@@ -158,7 +158,7 @@ def test_cell_configs_carry_what_their_stage_reads():
                 assert cell.config["heal"] == {"strategy": "none"}
             else:
                 assert cell.config["heal"]["lora_rank"] == 64
-                assert cell.config["heal_train"]["steps"] == 150
+                assert cell.config["heal_train"]["steps"] == 600
                 assert cell.config["heal_train"]["task"] == cell.config["task"]
                 assert cell.config["data"]["path"] == "./demo/train.jsonl"
             assert cell.config["decode"]["max_new_tokens"] == 40

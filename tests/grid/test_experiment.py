@@ -102,7 +102,7 @@ def test_paper_yaml_is_the_papers_setup():
 def test_demo_yaml_is_small():
     exp = load_experiment(EXPERIMENTS / "demo.yaml")
     (model,) = exp.models.values()
-    assert (model.name, model.layers, model.train.steps, model.heal_train.steps) == ("tiny-qwen", 8, 1500, 150)
+    assert (model.name, model.layers, model.train.steps, model.heal_train.steps) == ("tiny-qwen", 8, 1500, 600)
     assert (exp.distance.max_samples, exp.decode.max_new_tokens) == (64, 40)
     # One training process: no `train_workers` in the train cells, whose ids stay those of single-process runs.
     assert exp.train_workers == 1
