@@ -28,10 +28,10 @@ loads on the parent run. With the default sqlite store concurrent writers wait o
 `mlflow server` on the head node.
 
 Relative local paths in the experiment (models, manifests) are relative to the experiment file's directory
-(`grid.experiment`), which the driver checks before any cell starts and hands to the workers relative to its
-working directory when the file is inside it: every worker (and Ray Train's, which stay in their working
-directory) resolves it against its own, the driver's on a local Ray, its node's copy of the job's `working_dir`
-under `ray job submit`. Each cell works in `workdir/<experiment name>/<cell id>/`, where its training
+(`grid.experiment`); the driver checks that they exist before any cell starts and hands the directory to the
+workers (`_worker_root`): absolute, or, in a Ray job with a `working_dir` (`ray job submit --working-dir .`),
+relative to it, so that every worker (and Ray Train's, which stay in their working directory) resolves it in its
+own node's copy. Each cell works in `workdir/<experiment name>/<cell id>/`, where its training
 checkpoints survive an interruption. Only a DDP cell's rank 0 reads and writes its checkpoints, but a rerun's
 rank 0 may run on another node: on several nodes, `workdir` belongs on a shared filesystem.
 """

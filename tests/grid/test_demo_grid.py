@@ -8,20 +8,16 @@ qualitative findings on it (README, "The demo world").
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from pathlib import Path
 
 import pytest
-import ray
 
 from grid.cells import expand
-from grid.cli import main
 from grid.experiment import load_experiment
 from grid.summarize import summarize
 from slam.metrics import WER_THRESHOLD
-from tests.grid.world import cell_runs, shrunk_demo
+from tests.grid.world import cell_runs, shrunk_demo, slamgrid_run
 
 REPO = Path(__file__).resolve().parents[2]
 # What differs between two runs of the same cells by nature: time and memory.
@@ -48,8 +44,11 @@ def test_the_demo_runs_from_any_directory_and_twice_gives_identical_metrics(tmp_
 def test_the_shipped_demo_shows_the_papers_findings_every_time(tmp_path, monkeypatch):
     path = REPO / "experiments" / "demo.yaml"
     uri = f"sqlite:///{tmp_path}/first.db"
-    first = _run(path, uri, tmp_path, monkeypatch)
-    assert _run(path, f"sqlite:///{tmp_path}/second.db", tmp_path, monkeypatch) == first
+    # Each run in a directory of its own: a shared working directory would hand the second the first's checkpoints.
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = _run(path, uri, tmp_path / "first", monkeypatch)
+    assert _run(path, f"sqlite:///{tmp_path}/second.db", tmp_path / "second", monkeypatch) == first
     studies = {study["study"]: study for study in summarize(path, tracking_uri=uri, log=False).studies}
     results = {(r["path_label"], r["healing"]): r for r in studies["asr"]["results"]}
     healed, unhealed = results[("speech-asr", "decoder+projector")], results[("speech-asr", "none")]
@@ -69,14 +68,7 @@ def test_the_shipped_demo_shows_the_papers_findings_every_time(tmp_path, monkeyp
 def _run(path: Path, uri: str, cwd: Path, monkeypatch) -> dict[str, dict[str, float]]:
     """`slamgrid run` of `path` from `cwd` on a fresh local Ray: every cell run's metrics by cell id."""
     monkeypatch.chdir(cwd)
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            code = main(["run", str(path), "--tracking-uri", uri, "--workdir", str(cwd / "out")])
-    finally:
-        ray.shutdown()
-    assert code == 0, out.getvalue()
+    slamgrid_run(path, uri, cwd / "out")
     name = "demo"
     runs = cell_runs(uri, name)
     assert all(run.info.status == "FINISHED" for run in runs)

@@ -8,14 +8,11 @@ are then checked against the slam functions applied to what the cells logged (th
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from grid.cells import expand
@@ -25,7 +22,7 @@ from grid.summarize import REPORT_DIR, collect, summarize, table1
 from grid.tracking import GridStore
 from slam.metrics import corpus_bleu, corpus_wer, format_percent, removable_fraction
 from slam.redundancy import path_agreement
-from tests.grid.world import shrunk_demo
+from tests.grid.world import shrunk_demo, slamgrid_run
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "experiments" / "demo.yaml"
@@ -37,15 +34,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, str, str]:
     root = tmp_path_factory.mktemp("demo")
     path = shrunk_demo(root)
     uri = f"sqlite:///{root}/mlflow.db"
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
-    try:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            code = main(["run", str(path), "--tracking-uri", uri, "--workdir", str(root / "out")])
-    finally:
-        ray.shutdown()
-    assert code == 0, out.getvalue()
-    return path, uri, out.getvalue()
+    return path, uri, slamgrid_run(path, uri, root / "out", gpus=2)
 
 
 def test_the_demo_grid_finishes_and_prints_its_tables(demo_run):

@@ -7,14 +7,18 @@ the last 4.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+import ray
 import soundfile as sf
 import yaml
 from mlflow.tracking import MlflowClient
 
+from grid.cli import main
 from slam.tiny import build_tiny_lm, build_tiny_wavlm
 
 TEXTS = ["the river ran cold", "she opened the window", "a small boat", "seven birds", "a long letter",
@@ -134,6 +138,19 @@ def shrunk_demo(root: Path) -> Path:
     path = root / "demo.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def slamgrid_run(path: Path, uri: str, workdir: Path, gpus: int = 0) -> str:
+    """`slamgrid run path` on a fresh local Ray of 2 CPUs (and `gpus` logical GPUs); its stdout, once it exited 0."""
+    ray.init(address="local", num_cpus=2, num_gpus=gpus, include_dashboard=False)
+    try:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["run", str(path), "--tracking-uri", uri, "--workdir", str(workdir)])
+    finally:
+        ray.shutdown()
+    assert code == 0, out.getvalue()
+    return out.getvalue()
 
 
 def cell_runs(uri: str, experiment: str) -> list:

@@ -193,10 +193,7 @@ def test_speech_states_are_read_at_the_last_target_token_the_one_a_text_path_end
 
 def test_gromov_convention_removes_the_n_layers_each_block_spans():
     m = 6
-    rng = np.random.default_rng(1)
-    d = rng.uniform(0.3, 0.9, size=(m + 1, m + 1))
-    d = (d + d.T) / 2
-    np.fill_diagonal(d, 0.0)
+    d = _random_distances(m)
     d[0, 1] = d[1, 0] = 0.01  # n=1: h_0 is a candidate start under gromov: remove layer 1
     d[3, 5] = d[5, 3] = 0.02  # n=2: start 3, remove 4, 5 (the paper's n=2 would remove 4 alone)
     d[3, 6] = d[6, 3] = 0.03  # n=3: start 3, remove 4..6, the last layers: layer 3 gets the healing LoRA
@@ -247,10 +244,7 @@ def test_path_agreement_over_the_candidate_blocks():
 
 def test_path_picks_the_known_argmin_and_removes_n_minus_1_layers():
     m = 6
-    rng = np.random.default_rng(1)
-    d = rng.uniform(0.3, 0.9, size=(m + 1, m + 1))
-    d = (d + d.T) / 2
-    np.fill_diagonal(d, 0.0)
+    d = _random_distances(m)
     d[3, 5] = d[5, 3] = 0.01  # n=2: start 3
     d[2, 5] = d[5, 2] = 0.02  # n=3: start 2
     d[1, 5] = d[5, 1] = 0.03  # n=4: start 1
@@ -296,6 +290,14 @@ def test_path_rejects_bad_matrices_and_small_models():
     with pytest.raises(BadInputError, match="square"):
         pruning_path(np.zeros((3, 4)))
     assert pruning_path(np.zeros((3, 3))) == []  # m = 2: no n in 2..m-1
+
+
+def _random_distances(m: int) -> np.ndarray:
+    """A symmetric (m+1, m+1) matrix of distances in [0.3, 0.9] with a zero diagonal, to plant minima in."""
+    d = np.random.default_rng(1).uniform(0.3, 0.9, size=(m + 1, m + 1))
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0.0)
+    return d
 
 
 def _specials(tokenizer) -> int:
