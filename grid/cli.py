@@ -1,8 +1,11 @@
 """The `slamgrid` command line: `run`, `status` and `summarize` of an experiment grid, `path` of one model.
 
 User mistakes (a missing file, a model that cannot be used, a bad value) end with a one-line
-`slamgrid: error: ...` on stderr and exit code 2, without a traceback; anything else is a bug and
-keeps its traceback.
+`slamgrid: error: ...` on stderr and exit code 2, without a traceback; so does what stops the grid from
+outside the experiment file (`grid.errors.GridError`: another driver, a dead Ray cluster, an unreachable
+store, an unwritable directory), with exit code 3. `run` exits 1 when cells are left unfinished and 130
+when stopped by SIGINT or SIGTERM (its running cells marked KILLED). Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -21,6 +25,7 @@ if TYPE_CHECKING:
     from grid.runner import GridStatus
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # One progress bar per artifact read (summaries read many) would bury the tables.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's INFO lines (creating a new store's tables) would come before a one-line error, or bury the tables.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    from grid.errors import EXIT_ENVIRONMENT, GridError
     from slam.errors import BadInputError
 
     try:
@@ -36,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BadInputError, ValueError, FileNotFoundError) as err:
         print(f"slamgrid: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except GridError as err:
+        print(f"slamgrid: error: {err}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
 
 
 def cmd_path(args: argparse.Namespace) -> int:
@@ -85,14 +96,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("slamgrid: %(message)s"))
         runner_log.addHandler(handler)
     runner_log.setLevel(logging.INFO)
-    report = run_experiment(
-        args.experiment,
-        tracking_uri=args.tracking_uri,
-        workdir=args.workdir,
-        num_workers=args.workers,
-        ray_address=args.address,
-        **({"backbones_per_worker": args.backbones_per_worker} if args.backbones_per_worker else {}),
-    )
+    logging.getLogger("grid.lease").addHandler(runner_log.handlers[0])
+    # A scheduler's (or `kill`'s) SIGTERM stops the grid as Ctrl-C does: running cells KILLED, resumable.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = run_experiment(
+            args.experiment,
+            tracking_uri=args.tracking_uri,
+            workdir=args.workdir,
+            num_workers=args.workers,
+            ray_address=args.address,
+            dashboard_host=args.dashboard_host,
+            **({"backbones_per_worker": args.backbones_per_worker} if args.backbones_per_worker else {}),
+            **({"retries": args.retries} if args.retries is not None else {}),
+        )
+    except KeyboardInterrupt:
+        print(
+            "slamgrid: interrupted; the running cells are marked KILLED. Run the same command again to resume them",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"started {report.started} cell(s); backbone loads: {sum(report.loads.values())}")
     _print_status(report.status)
     from grid.summarize import summarize
@@ -124,6 +149,10 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def _print_ui_hint(tracking_uri: str | None, experiment: str) -> None:
     """How to look at the results in the MLflow UI."""
     from grid.tracking import tracking_uri as resolve
@@ -133,8 +162,9 @@ def _print_ui_hint(tracking_uri: str | None, experiment: str) -> None:
         print(f"MLflow UI: open {uri} (experiment {experiment!r})")
     else:
         print(
-            f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000, then open http://127.0.0.1:5000 "
-            f"(experiment {experiment!r}; tables and figures on its run `grid`, under Artifacts)"
+            f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, "
+            f"then open http://127.0.0.1:5000 (experiment {experiment!r}; tables and figures on its run `grid`, "
+            f"under Artifacts)"
         )
 
 
@@ -152,7 +182,22 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="slots to use, each a cell worker or a DDP training process (default: one per GPU, else per CPU)",
     )
-    run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument(
+        "--address",
+        help="Ray cluster address, or `local` for a new local Ray (default: $RAY_ADDRESS, else the cluster "
+        "`ray start` ran on this machine, else a local Ray)",
+    )
+    run.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        help="times a cell whose worker or trainer process died is started again in this run (default: 2)",
+    )
+    run.add_argument(
+        "--dashboard-host",
+        default="127.0.0.1",
+        help="interface the Ray dashboard of a local Ray listens on (default: 127.0.0.1, this machine only; "
+        "0.0.0.0 opens it to the network)",
+    )
     run.add_argument(
         "--backbones-per-worker",
         type=_positive_int,
@@ -211,7 +256,8 @@ def _print_status(status: GridStatus) -> None:
     print(f"{status.experiment}: {len(status.cells)} cells")
     for state, count in status.counts.items():
         print(f"  {state:<9} {count}")
-    for title, states in (("failed", ("FAILED", "KILLED")), ("blocked", ("BLOCKED",))):
+    groups = (("failed", ("FAILED", "KILLED")), ("interrupted", ("INTERRUPTED",)), ("blocked", ("BLOCKED",)))
+    for title, states in groups:
         listed = [cell for cell in status.cells if cell.state in states]
         if listed:
             print(f"{title}:")
@@ -234,6 +280,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return int(text)
 
 
 def _data_config(spec: str, on_bad_sample: str, max_samples: int | None):

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -48,7 +49,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from ray._common.utils import get_ray_address_file
+from ray._private.utils import read_ray_address
 from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError, get_context
 from ray.train.torch import TorchTrainer, get_device
 from ray.util import get_current_placement_group
@@ -56,7 +61,9 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from transformers.utils import logging as hf_logging
 
 from grid.cells import Cell, expand
+from grid.errors import GridError
 from grid.experiment import load_experiment, missing_paths, resolve_paths
+from grid.lease import DriverLease, Holder, stop_processes, this_process_children
 from grid.stages import Backbones, run_cell, train_speech_llm
 from grid.tracking import ERROR_TAG, PENDING, CellRun, CellState, GridStore, store_has_experiment
 from grid.tracking import tracking_uri as resolve_tracking_uri
@@ -67,15 +74,26 @@ log = logging.getLogger(__name__)
 FINISHED = "FINISHED"
 BLOCKED = "BLOCKED"
 """State of a cell that cannot run because a dependency failed (or is itself blocked)."""
-STATES = (FINISHED, "FAILED", "KILLED", "RUNNING", BLOCKED, PENDING)
-"""Cell states in display order: MLflow's run statuses, BLOCKED (derived), and PENDING (no run yet)."""
+INTERRUPTED = "INTERRUPTED"
+"""State of a cell whose run reads RUNNING but whose driver is gone (killed): the next `slamgrid run` resumes it."""
+STATES = (FINISHED, "FAILED", "KILLED", "RUNNING", INTERRUPTED, BLOCKED, PENDING)
+"""Cell states in display order: MLflow's run statuses, INTERRUPTED and BLOCKED (derived), PENDING (no run yet)."""
 DEFAULT_BACKBONES_PER_WORKER = 2
 """Decoders a worker keeps loaded by default: cells are routed to workers holding their decoder, so a worker
 rarely needs more, and each master copy of a 7-8B decoder takes 15-30 GB of CPU memory."""
+DEFAULT_RETRIES = 2
+"""Times a cell whose process died is started again in the same call (`run_experiment`'s `retries`)."""
+LOOPBACK = "127.0.0.1"
+"""Where the services a run starts (the Ray dashboard) listen unless told otherwise: this machine only."""
+RETRIES_TAG = "retries"
+"""Tag of a cell's run: how often it was started again after its process died, and why, one line each."""
 PLACEMENT_GROUP_TAG = "ray_train.placement_group"
 """Tag of a DDP train cell's run: the placement group holding its trainer's slots (hex id), set by rank 0."""
 _NOT_DONE = ("FAILED", "KILLED", BLOCKED)
+_RETRY = "retry"  # `_Pool._collect`: the cell's process died and it is started again
 _SQLITE = "sqlite:///"
+_PROBE_BYTES = 1 << 20  # a working directory must take at least a MiB
+_PROBE_SECONDS = 5.0
 # Ray Train moves its workers into its storage directory unless told not to; relative paths resolve where they are.
 _KEEP_WORKING_DIR = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
 
@@ -216,6 +234,8 @@ class CellWorker:
             error = _one_line(err)
         # After the `except` block, so that the traceback no longer holds the cell's model.
         self.backbones.release()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # after an out-of-memory error above all: the next cell gets the memory back
         loads, held = dict(self.backbones.loads), frozenset(self.backbones.held())
         return CellOutcome(cell.id, run_id, error, self.name, loads, held)
 
@@ -228,6 +248,8 @@ def run_experiment(
     use_gpu: bool | None = None,
     ray_address: str | None = None,
     backbones_per_worker: int | None = DEFAULT_BACKBONES_PER_WORKER,
+    retries: int = DEFAULT_RETRIES,
+    dashboard_host: str = LOOPBACK,
 ) -> RunReport:
     """Run (or resume) every cell of an experiment file on Ray, tracked in MLflow.
 
@@ -238,10 +260,14 @@ def run_experiment(
         num_workers: Slots: workers and DDP training processes running at once; None: one per GPU, or one per
             CPU without GPUs (never more than the cells to run need).
         use_gpu: One GPU per worker; None: when the Ray cluster has GPUs.
-        ray_address: Ray cluster to connect to; None: `$RAY_ADDRESS`, else a local Ray (an already initialised
-            Ray is used as it is).
+        ray_address: Ray cluster to connect to; None: `$RAY_ADDRESS`, else the cluster `ray start` left its
+            address for on this machine, else a local Ray; `local`: a new local Ray (an already initialised Ray
+            is used as it is).
         backbones_per_worker: Decoders a worker keeps loaded at most, least recently used dropped first
             (`grid.stages.Backbones`); None: no limit.
+        retries: Times a cell whose worker or trainer process died (killed, out of host memory, a lost node) is
+            started again on a new one in this call, resuming from its checkpoints; a cell that raises is not.
+        dashboard_host: Interface the dashboard of a Ray this call starts listens on.
 
     Returns:
         The report: every cell's state from the store, cells started, backbone loads.
@@ -249,6 +275,9 @@ def run_experiment(
     Raises:
         BadInputError: The experiment file is wrong.
         ValueError: More workers, or GPUs, than the Ray cluster has.
+        GridError: Another driver runs the experiment; the Ray cluster, the store or the working directory cannot
+            be used. Nothing is left half-written: the same call resumes once the cause is gone.
+        KeyboardInterrupt: SIGINT; the cells in flight are stopped and their runs marked KILLED.
     """
     exp = load_experiment(path)
     missing = missing_paths(exp)
@@ -260,46 +289,65 @@ def run_experiment(
         )
     cells = expand(exp)
     uri = _absolute(resolve_tracking_uri(tracking_uri))
-    store = GridStore(uri, exp.name)
-    # Resume precedence, decided from the store alone (nothing is remembered between calls):
-    # 1. A cell with a FINISHED run is done: never started again; its run id feeds its dependents.
-    # 2. A cell whose dependency fails, or is blocked, in this call is BLOCKED: not started, no run created.
-    # 3. Every other cell runs once its dependencies have finished: a FAILED, KILLED or interrupted RUNNING
-    #    run is continued under the same run id (`GridStore.start_cell`), and its training resumes from the
-    #    checkpoints in its working directory (`slam.train`).
-    done = {cell: state.run_id for cell, state in store.states(c.id for c in cells).items() if state.status == FINISHED}
-    todo = [cell for cell in cells if cell.id not in done]
-    started, worker_loads = 0, {}
-    if todo:
-        store.parent_run()
-        owns_ray = not ray.is_initialized()
-        if owns_ray:
-            ray.init(address=ray_address, ignore_reinit_error=True)
-        try:
-            pool = _Pool(
-                store,
-                Path(workdir).resolve() / exp.name,
-                _worker_root(exp.root),
-                todo,
-                num_workers,
-                use_gpu,
-                backbones_per_worker,
-            )
-            try:
-                started = pool.run(todo, done)
-            finally:
-                pool.close()
-            worker_loads = pool.loads
-        finally:
+    # Before the store is opened (which creates it), so that a bad place writes nothing there.
+    cell_root = Path(workdir).resolve() / exp.name
+    check_writable(cell_root, "--workdir")
+    database = _sqlite_file(uri)
+    if database is not None:
+        check_writable(database.parent, "the tracking store's directory", create=False)
+    try:
+        store = GridStore(uri, exp.name)
+        lease = DriverLease(store.client, store.parent_run(), f"experiment {exp.name!r} in {uri}")
+        previous = lease.acquire()
+    except MlflowException as err:
+        raise _store_failed(uri, err) from err
+    try:
+        if previous is not None:
+            log.info("the previous driver, %s, stopped without finishing: resuming its cells", previous.describe())
+        # Resume precedence, decided from the store alone (nothing is remembered between calls):
+        # 1. A cell with a FINISHED run is done: never started again; its run id feeds its dependents.
+        # 2. A cell whose dependency fails, or is blocked, in this call is BLOCKED: not started, no run created.
+        # 3. Every other cell runs once its dependencies have finished: a FAILED, KILLED or interrupted RUNNING
+        #    run is continued under the same run id (`GridStore.start_cell`), and its training resumes from the
+        #    checkpoints in its working directory (`slam.train`).
+        done = {
+            cell: state.run_id for cell, state in store.states(c.id for c in cells).items() if state.status == FINISHED
+        }
+        todo = [cell for cell in cells if cell.id not in done]
+        started, worker_loads = 0, {}
+        if todo:
+            if previous is not None:
+                # Before a new Ray starts: a killed driver's Ray agents would otherwise run on beside it.
+                left = lease.left_behind(previous)
+                if left:
+                    stopped = stop_processes(left)
+                    log.info("stopped %d Ray process(es) left by that driver: %s", len(stopped), ", ".join(stopped))
+            owns_ray = not ray.is_initialized()
             if owns_ray:
-                ray.shutdown()
-        total = sum(sum(loads.values()) for loads in worker_loads.values())
-        store.client.log_metric(store.parent_run(), "backbone_loads", total)
-    return RunReport(
-        status=grid_status(cells, store.states(c.id for c in cells), exp.name),
-        started=started,
-        worker_loads=worker_loads,
-    )
+                _init_ray(ray_address, dashboard_host)
+                lease.record_ray_processes(this_process_children())
+            try:
+                root = _worker_root(exp.root)
+                pool = _Pool(store, cell_root, root, todo, num_workers, use_gpu, backbones_per_worker, retries)
+                try:
+                    started = pool.run(todo, done)
+                finally:
+                    pool.close()
+                worker_loads = pool.loads
+            finally:
+                if owns_ray:
+                    ray.shutdown()
+            total = sum(sum(loads.values()) for loads in worker_loads.values())
+            store.client.log_metric(store.parent_run(), "backbone_loads", total)
+        return RunReport(
+            status=grid_status(cells, store.states(c.id for c in cells), exp.name, driver=lease.mine),
+            started=started,
+            worker_loads=worker_loads,
+        )
+    except MlflowException as err:
+        raise _store_failed(uri, err) from err
+    finally:
+        lease.release()
 
 
 def experiment_status(path: str | Path, tracking_uri: str | None = None) -> GridStatus:
@@ -310,26 +358,54 @@ def experiment_status(path: str | Path, tracking_uri: str | None = None) -> Grid
         tracking_uri: MLflow tracking URI; None: `$MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db`.
 
     Returns:
-        Each cell's state: FINISHED, FAILED, KILLED, RUNNING, BLOCKED or PENDING.
+        Each cell's state: FINISHED, FAILED, KILLED, RUNNING (its driver runs), INTERRUPTED (a RUNNING run whose
+        driver is gone), BLOCKED or PENDING.
     """
     exp = load_experiment(path)
     cells = expand(exp)
     uri = _absolute(resolve_tracking_uri(tracking_uri))
     if not store_has_experiment(uri, exp.name):
         return grid_status(cells, {}, exp.name)
-    return grid_status(cells, GridStore(uri, exp.name).states(c.id for c in cells), exp.name)
+    store = GridStore(uri, exp.name)
+    parent = store.find_parent()
+    holder = DriverLease(store.client, parent, exp.name).holder() if parent else None
+    return grid_status(cells, store.states(c.id for c in cells), exp.name, driver=holder)
 
 
-def grid_status(cells: Sequence[Cell], states: Mapping[str, CellState], experiment: str) -> GridStatus:
-    """Each cell's state from its run's status, with BLOCKED derived from its dependencies.
+def check_writable(directory: Path, what: str, create: bool = True) -> None:
+    """Check that files can be written in `directory` (made when `create`) and that its disk is not full.
+
+    A probe file of `_PROBE_BYTES` is written, flushed to disk and removed.
+
+    Raises:
+        GridError: Naming `what`, the directory and the reason.
+    """
+    try:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".slamgrid-probe-") as probe:
+            probe.write(b"\0" * _PROBE_BYTES)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise GridError(f"{what} {directory}: cannot write there ({reason}); nothing was started") from err
+
+
+def grid_status(
+    cells: Sequence[Cell], states: Mapping[str, CellState], experiment: str, driver: Holder | None = None
+) -> GridStatus:
+    """Each cell's state from its run's status, with BLOCKED and INTERRUPTED derived.
 
     A cell without a FINISHED run whose dependency is FAILED, KILLED or BLOCKED is BLOCKED: it cannot run until
-    that dependency finishes, whatever an earlier attempt of its own left.
+    that dependency finishes, whatever an earlier attempt of its own left. A RUNNING run with no live driver
+    holding the experiment (`grid.lease`) is INTERRUPTED: its driver was killed, and `slamgrid run` continues it.
 
     Args:
         cells: The cells, each after its dependencies (`grid.cells.expand` order).
         states: The store's state of each cell id (`GridStore.states`); a missing id counts as PENDING.
         experiment: The experiment's name.
+        driver: The driver running the experiment now, None when none is.
 
     Returns:
         The status of every cell, in the order given.
@@ -340,6 +416,8 @@ def grid_status(cells: Sequence[Cell], states: Mapping[str, CellState], experime
         run_id = state.run_id if state else None
         status = state.status if state else PENDING
         reason = state.error if state else None
+        if status == "RUNNING" and driver is None:
+            status, reason = INTERRUPTED, "its driver stopped without finishing it; `slamgrid run` resumes it"
         if status != FINISHED:
             bad = next((by_id[dep] for dep in cell.deps if dep in by_id and by_id[dep].state in _NOT_DONE), None)
             if bad is not None:
@@ -436,6 +514,7 @@ class _Pool:
         num_workers: int | None,
         use_gpu: bool | None,
         backbones_per_worker: int | None = DEFAULT_BACKBONES_PER_WORKER,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         gpus = int(sum(node.get("GPU", 0) for node in nodes))
@@ -472,6 +551,10 @@ class _Pool:
         self.trainers: dict[ray.ObjectRef, Cell] = {}
         """DDP cells in flight, by their trainer task."""
         self.loads: dict[str, dict[str, int]] = {}
+        self.retries = retries
+        self.deaths: Counter[str] = Counter()
+        """Processes died under each cell in this call."""
+        self.inflight: dict[ray.ObjectRef, _Job] = {}
         log.info("%d %s slot(s)", self.size, self.unit)
 
     def run(self, todo: list[Cell], done: dict[str, str]) -> int:
@@ -480,9 +563,16 @@ class _Pool:
         Returns:
             The number of cells started.
         """
+        try:
+            return self._schedule(todo, done)
+        except KeyboardInterrupt:
+            self._interrupt()
+            raise
+
+    def _schedule(self, todo: list[Cell], done: dict[str, str]) -> int:
         pending = list(todo)  # expansion order: every dependency comes before its dependents, train cells first
         not_done: set[str] = set()  # failed or blocked in this call
-        inflight: dict[ray.ObjectRef, _Job] = {}
+        inflight = self.inflight
         started = 0
         while pending or inflight:
             waiting = []
@@ -551,21 +641,36 @@ class _Pool:
             seconds = time.monotonic() - job.began
             if error is None:
                 log.info("%s %s finished (%.1f s)", job.cell.kind, job.cell.id, seconds)
+            elif error is _RETRY:
+                pending.insert(0, job.cell)  # first in line: it resumes from its checkpoints
             else:
                 not_done.add(job.cell.id)
                 log.info("%s %s failed (%.1f s): %s", job.cell.kind, job.cell.id, seconds, error)
         return started
 
+    def _interrupt(self) -> None:
+        """Stop every cell in flight and mark its run KILLED (a rerun continues it from its checkpoints)."""
+        jobs = list(self.inflight.values())
+        try:
+            self.close()
+        except Exception as err:  # a Ctrl-C reaches the local Ray's processes too: they may be gone already
+            log.debug("stopping the workers after an interrupt: %s", err)
+        for job in jobs:
+            _mark_failed(self.store, job.cell, "interrupted: the driver was stopped (SIGINT or SIGTERM)", "KILLED")
+        self.inflight.clear()
+        log.info("interrupted: %d running cell(s) stopped and marked KILLED", len(jobs))
+
     def close(self) -> None:
         """Stop the workers and any trainer still running, freeing their GPUs and memory."""
-        for ref, cell in self.trainers.items():
+        for ref, cell in list(self.trainers.items()):
             ray.cancel(ref, force=True)
             self._release(cell)
+        self.trainers.clear()
         for slot in list(self.workers):
             self._stop(slot)
 
     def _collect(self, ref: ray.ObjectRef, job: _Job, done: dict[str, str]) -> str | None:
-        """A finished job's outcome: `done` updated on success; the error otherwise."""
+        """A finished job's outcome: `done` updated on success; `_RETRY` for a death to retry; the error otherwise."""
         cell = job.cell
         self.trainers.pop(ref, None)
         try:
@@ -576,11 +681,17 @@ class _Pool:
             died = not isinstance(err, ray.exceptions.RayTaskError)
             kind = "trainer" if job.ddp else "worker"
             reason = f"{kind} died: {_one_line(err)}" if died else _one_line(err.cause or err)
-            _mark_failed(self.store, cell, reason)
             if job.ddp:
                 self._release(cell)
             elif died:
                 self._stop(job.slots[0])  # started again when a cell needs it
+            if died and self.deaths[cell.id] < self.retries:
+                self.deaths[cell.id] += 1
+                _note_retry(self.store, cell, self.deaths[cell.id], self.retries, reason)
+                log.info("%s %s: %s; starting it again (retry %d of %d)", cell.kind, cell.id, reason,
+                         self.deaths[cell.id], self.retries)  # fmt: skip
+                return _RETRY
+            _mark_failed(self.store, cell, reason)
             return reason
         self.loads[outcome.worker] = outcome.loads
         if not job.ddp:
@@ -624,6 +735,47 @@ class _Pool:
             else f"the Ray cluster has {self.capacity} {self.unit}s"
         )
         return f"train_workers={workers}: DDP training needs {workers} {self.unit} slots at once, but {limit}"
+
+
+def _init_ray(address: str | None, dashboard_host: str) -> None:
+    """Start or join Ray; an address nothing answers at is a `GridError` at once, not Ray's long wait."""
+    if address != "local":
+        _check_ray_address(address)
+    ray.init(address=address, dashboard_host=dashboard_host)
+
+
+def _check_ray_address(address: str | None) -> None:
+    """Raise a `GridError` if the cluster Ray would join (given, `$RAY_ADDRESS`, or `ray start`'s) does not answer.
+
+    `ray start` leaves the head's address in Ray's temporary directory, and a plain `ray.init()` joins it: once
+    that head is gone, Ray retries for a long while and ends with a `ConnectionError`. One TCP connection to its
+    GCS port tells in seconds.
+    """
+    found = os.environ.get("RAY_ADDRESS") or address
+    source = "$RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "--address"
+    if found is None or found == "auto":
+        found = read_ray_address()
+        source = f"the address `ray start` left in {get_ray_address_file(None)}"
+    if not found or found in ("auto", "local"):
+        return
+    host, _, port = found.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        return  # not host:port: Ray reports it
+    try:
+        socket.create_connection((host, int(port)), timeout=_PROBE_SECONDS).close()
+    except OSError as err:
+        raise GridError(
+            f"no Ray cluster answers at {found} ({source}: {err.strerror or err}); its head node is gone or "
+            f"unreachable. Run with --address local for a new local Ray, or `ray stop` to forget a dead local head"
+        ) from err
+
+
+def _store_failed(uri: str, err: MlflowException) -> GridError:
+    """Why the driver stopped when the store failed; what finished is in the store and a rerun resumes."""
+    return GridError(
+        f"the MLflow store {uri} failed: {_one_line(err)}. Finished cells are recorded there; run the same "
+        f"command again once the store is back to resume the others"
+    )
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -718,12 +870,22 @@ def _record_failure(store: GridStore, cell: Cell, reason: str) -> None:
     run.client.set_terminated(run.run_id, "FAILED")
 
 
-def _mark_failed(store: GridStore, cell: Cell, reason: str) -> None:
-    """Record a cell lost with its worker as FAILED, so that its run does not read RUNNING."""
+def _mark_failed(store: GridStore, cell: Cell, reason: str, status: str = "FAILED") -> None:
+    """Record a cell lost with its worker as FAILED (or KILLED), so that its run does not read RUNNING."""
     state = store.states([cell.id])[cell.id]
     if state.status == "RUNNING" and state.run_id is not None:
         store.client.set_tag(state.run_id, ERROR_TAG, reason)
-        store.client.set_terminated(state.run_id, "FAILED")
+        store.client.set_terminated(state.run_id, status)
+
+
+def _note_retry(store: GridStore, cell: Cell, attempt: int, limit: int, reason: str) -> None:
+    """Add why a cell is started again to its run's `RETRIES_TAG`; the run stays RUNNING and is continued."""
+    state = store.states([cell.id])[cell.id]
+    if state.run_id is None:
+        return
+    earlier = state.tags.get(RETRIES_TAG, "")
+    line = f"{attempt}/{limit}: {reason}"
+    store.client.set_tag(state.run_id, RETRIES_TAG, f"{earlier}\n{line}" if earlier else line)
 
 
 def _worker_root(root: Path) -> str:

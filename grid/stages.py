@@ -11,12 +11,14 @@ stage functions and reports through the cell's MLflow run (`grid.tracking.CellRu
   (the `slamgrid path` JSON contract, DESIGN section 4) and `heatmap.png` (D[l][l+n], as in the paper's Figure 1);
   tags `measured_token` and `layout` (`slam.redundancy`).
 - `eval`: baseline scores; metrics `{set}.wer` (percent) or `{set}.bleu`, `{set}.excluded` (references the
-  normaliser empties, left out of the WER), artifacts `hypotheses/{set}.json`.
+  normaliser empties, left out of the WER), the decoding cost `{set}.decode_tokens_per_s`, `{set}.decode_seconds`,
+  `{set}.encode_seconds` (`slam.decode.DecodeStats`) and `peak_memory_mb`; artifacts `hypotheses/{set}.json`.
 - `prune`: one step of a path applied to the trained SpeechLLM, healed (unless `none`: `train.loss`,
   `train.skipped`, `train.resumed_from` of the healing) and evaluated like `eval`; metrics also
   `trainable_params`, `n`, `fraction`, `removed_layers`, tags `removed`, `receiving_layer`.
 - `summary`: the removable fraction of every (model, path, healing) of a study, computed from the store alone,
-  and how its text- and speech-derived paths agree (`path_comparisons`); `summaries/{study}.json` on the parent
+  each depth's `speedup` (decoding throughput over its baseline's) and `peak_memory_ratio`, and how its text-
+  and speech-derived paths agree (`path_comparisons`); `summaries/{study}.json` on the parent
   run, `summary.json` and metrics `removable_fraction.*` and `path_agreement.*` on its own.
 
 A cell reads what its dependencies produced from their MLflow runs (never from another cell's working
@@ -309,9 +311,11 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
     """
     metric = METRIC_OF_TASK[config["task"]]
     baselines: dict[str, dict[str, float]] = {}
+    baseline_costs: dict[str, dict[str, Any]] = {}
     for cell in config["eval_cells"]:
         run = store.client.get_run(deps[cell])
         baselines[run.data.params["train_cell"]] = _scores(run.data.metrics, metric)
+        baseline_costs[run.data.params["train_cell"]] = _costs(run.data.metrics)
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     for cell in config["prune_cells"]:
         run = store.client.get_run(deps[cell])
@@ -333,12 +337,22 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
                 "rows": [],
             },
         )
+        costs, base = _costs(metrics), baseline_costs[run.data.params["train_cell"]]
         group["rows"].append(
             {
                 "n": int(metrics["n"]),
                 "fraction": metrics["fraction"],
                 "removed": json.loads(tags["removed"]),
                 "scores": _scores(metrics, metric),
+                # The paper's speed and memory claim, per depth: decoding throughput and peak memory against the
+                # baseline's (a speedup > 1 is faster; CPU memory is the worker's peak resident size, less telling).
+                "speedup": {
+                    name: tps / base["tokens_per_s"][name] if base["tokens_per_s"].get(name) else None
+                    for name, tps in costs["tokens_per_s"].items()
+                },
+                "peak_memory_ratio": (
+                    costs["peak_memory_mb"] / base["peak_memory_mb"] if base["peak_memory_mb"] else None
+                ),
                 "cell_id": cell,
             }
         )
@@ -446,6 +460,9 @@ class _Context:
                     f"{name}.num_samples": result.num_samples,
                     f"{name}.skipped": len(result.skipped),
                     f"{name}.excluded": len(result.excluded),
+                    f"{name}.decode_tokens_per_s": result.decode.tokens_per_second,
+                    f"{name}.decode_seconds": result.decode.decode_seconds,
+                    f"{name}.encode_seconds": result.decode.encode_seconds,
                 }
             )
             hypotheses = {
@@ -505,8 +522,13 @@ def _run_path(ctx: _Context) -> None:
 
 
 def _run_eval(ctx: _Context) -> None:
+    device = ctx.backbones.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model, _ = ctx.restored_speech_llm()
     ctx.evaluate_sets(model)
+    # The pruned cells' memory is judged against this (`study_table`'s `peak_memory_ratio`).
+    ctx.run.log_metrics({"peak_memory_mb": _peak_memory_mb(device)})
 
 
 def _run_prune(ctx: _Context) -> None:
@@ -608,10 +630,19 @@ def _degradation_figure(table: dict[str, Any]) -> Figure:
 
 
 def _log_training(run: CellRun, result: TrainResult) -> None:
-    """`train.resumed_from`, `train.skipped` and, when samples were left out, `train_skipped.json`."""
-    run.log_metrics({"train.resumed_from": result.resumed_from, "train.skipped": len(result.skipped)})
+    """`train.resumed_from`, `train.skipped`, `train.unreadable_checkpoints`, and what these counted, if anything:
+    `train_skipped.json` (the samples left out), the tag `train.unreadable_checkpoints` (those moved aside)."""
+    run.log_metrics(
+        {
+            "train.resumed_from": result.resumed_from,
+            "train.skipped": len(result.skipped),
+            "train.unreadable_checkpoints": len(result.unreadable),
+        }
+    )
     if result.skipped:
         run.log_json("train_skipped.json", [list(item) for item in result.skipped])
+    if result.unreadable:
+        run.set_tags({"train.unreadable_checkpoints": " ".join(str(path) for path in result.unreadable)})
 
 
 def _report_label(path: Mapping[str, str]) -> str:
@@ -628,6 +659,13 @@ def _path_label(tags: Mapping[str, str]) -> str:
         label += f"-{tags['path.model']}"
     convention = tags.get("path.convention", "paper")
     return label if convention == "paper" else f"{label}-{convention}"
+
+
+def _costs(metrics: Mapping[str, float]) -> dict[str, Any]:
+    """An evaluated cell's decoding throughput per set and its peak memory (None when not logged)."""
+    suffix = ".decode_tokens_per_s"
+    rates = {key[: -len(suffix)]: value for key, value in metrics.items() if key.endswith(suffix)}
+    return {"tokens_per_s": rates, "peak_memory_mb": metrics.get("peak_memory_mb")}
 
 
 def _scores(metrics: Mapping[str, float], metric: str) -> dict[str, float]:

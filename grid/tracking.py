@@ -230,7 +230,7 @@ class GridStore:
             Its run id.
         """
         if self._parent is None:
-            self._parent = self._find_parent() or self._create_parent()
+            self._parent = self.find_parent() or self._create_parent()
         return self._parent
 
     def log_summary(self, name: str, table: dict | list, figures: Mapping[str, Figure] | None = None) -> None:
@@ -264,6 +264,11 @@ class GridStore:
             local = self.client.download_artifacts(run_id, path, tmp)
             return json.loads(Path(local).read_text(encoding="utf-8"))
 
+    def find_parent(self) -> str | None:
+        """The experiment's parent run if it has one (never creates it), else None."""
+        parents = sorted(self._search(f"tags.{PARENT_TAG} = '{_PARENT_TAG_VALUE}'"), key=_age)
+        return parents[0].info.run_id if parents else None
+
     def _search(self, filter_string: str) -> list[Run]:
         """Every active run of the experiment that matches, all pages."""
         runs: list[Run] = []
@@ -281,10 +286,6 @@ class GridStore:
             if not token:
                 return runs
 
-    def _find_parent(self) -> str | None:
-        parents = sorted(self._search(f"tags.{PARENT_TAG} = '{_PARENT_TAG_VALUE}'"), key=_age)
-        return parents[0].info.run_id if parents else None
-
     def _create_parent(self) -> str:
         tags = {PARENT_TAG: _PARENT_TAG_VALUE}
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=_PARENT_RUN_NAME)
@@ -292,7 +293,7 @@ class GridStore:
         # Only a container: FINISHED, so the UI does not show it running forever; it still takes artifacts.
         self.client.set_terminated(run_id, "FINISHED")
         # Two drivers may create one at once: the oldest wins, the others delete their own.
-        winner = self._find_parent()
+        winner = self.find_parent()
         if winner != run_id:
             self.client.delete_run(run_id)
         return winner or run_id

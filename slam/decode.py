@@ -9,12 +9,17 @@ The cache reserves room for the whole generation up front, so a step writes one 
 copying the cache, and (for sdpa decoders with full attention) the attention masks are built here once
 per batch and extended by a column per step, instead of being rebuilt from the padding mask each step.
 A batch without padding passes no mask at all.
+
+`DecodeStats`, when given, adds up where the time went (encoding: speech to decoder inputs; decoding: prefill and
+steps) and the tokens generated, for the decoding throughput a pruned model's speed is judged by.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,29 +30,52 @@ from slam.config import DecodeConfig
 from slam.model import DecoderInputs, SpeechLLM, decoder_stack
 
 
-def greedy_decode(model: SpeechLLM, waveforms: Sequence[np.ndarray], cfg: DecodeConfig) -> list[str]:
+@dataclass
+class DecodeStats:
+    """Time and tokens of greedy decoding, added up over the calls it is given to."""
+
+    encode_seconds: float = 0.0
+    """Speech to decoder inputs: encoder, frame stacking, projector, prompt."""
+    decode_seconds: float = 0.0
+    """The decoder: prefill and every step after it."""
+    tokens: int = 0
+    """Tokens generated, each row's EOS included (a row stopped by the limit has none)."""
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decoding throughput: generated tokens per second of decoder time (0 before any)."""
+        return self.tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def greedy_decode(
+    model: SpeechLLM, waveforms: Sequence[np.ndarray], cfg: DecodeConfig, stats: DecodeStats | None = None
+) -> list[str]:
     """Greedy hypotheses for a list of utterances, in input order.
 
     Args:
         model: The SpeechLLM (pruned and healed or not).
         waveforms: Mono 16 kHz waveforms.
         cfg: Batch size and token limit.
+        stats: Adds this call's time and tokens, if given.
 
     Returns:
         One decoded text per waveform, special tokens removed.
     """
-    token_ids = greedy_token_ids(model, waveforms, cfg)
+    token_ids = greedy_token_ids(model, waveforms, cfg, stats)
     return [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
 
 
 @torch.no_grad()
-def greedy_token_ids(model: SpeechLLM, waveforms: Sequence[np.ndarray], cfg: DecodeConfig) -> list[list[int]]:
+def greedy_token_ids(
+    model: SpeechLLM, waveforms: Sequence[np.ndarray], cfg: DecodeConfig, stats: DecodeStats | None = None
+) -> list[list[int]]:
     """Greedy token ids (without EOS) for each utterance, batched by length.
 
     Args:
         model: The SpeechLLM.
         waveforms: Mono 16 kHz waveforms.
         cfg: Batch size and token limit.
+        stats: Adds this call's time and tokens, if given.
 
     Returns:
         One list of generated token ids per waveform, in input order.
@@ -59,10 +87,16 @@ def greedy_token_ids(model: SpeechLLM, waveforms: Sequence[np.ndarray], cfg: Dec
     try:
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
+            began = _clock()
             inputs = model.decoder_inputs([waveforms[i] for i in batch], targets=None, padding_side="left")
+            encoded = _clock()
             eos = model.tokenizer.eos_token_id
             for i, ids in zip(batch, greedy_from_inputs(model.decoder, inputs, eos, cfg.max_new_tokens)):
                 results[i] = ids
+            if stats is not None:
+                stats.encode_seconds += encoded - began
+                stats.decode_seconds += _clock() - encoded
+                stats.tokens += sum(len(results[i]) + (len(results[i]) < cfg.max_new_tokens) for i in batch)
     finally:
         model.train(was_training)
     return results
@@ -161,6 +195,13 @@ def greedy_from_inputs(
         ).logits[:, -1]
         next_position = next_position + 1
     return outputs
+
+
+def _clock() -> float:
+    """Seconds, once the GPU (if any) has finished what was queued: CUDA kernels run asynchronously."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _cache_keyword(decoder) -> str:

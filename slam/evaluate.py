@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from slam.config import TASKS, DecodeConfig
-from slam.decode import greedy_decode
+from slam.decode import DecodeStats, greedy_decode
 from slam.metrics import BLEUResult, WERResult, corpus_bleu, corpus_wer
 from slam.model import SpeechLLM
 
@@ -33,6 +33,7 @@ class EvalResult:
             normalisation (`slam.metrics.corpus_wer`); always empty for BLEU.
         wer: The corpus WER details (ASR).
         bleu: The corpus BLEU details and signature (AST).
+        decode: Where decoding's time went and the tokens it generated (its throughput).
     """
 
     task: str
@@ -45,6 +46,7 @@ class EvalResult:
     excluded: list[str] = field(default_factory=list)
     wer: WERResult | None = None
     bleu: BLEUResult | None = None
+    decode: DecodeStats = field(default_factory=DecodeStats)
 
     @property
     def num_samples(self) -> int:
@@ -71,9 +73,10 @@ def evaluate(model: SpeechLLM, samples: Iterable, task: str, cfg: DecodeConfig) 
     stream = samples.samples() if hasattr(samples, "samples") else iter(samples)
     ids, hypotheses, references = [], [], []
     block: list = []
+    stats = DecodeStats()
 
     def flush() -> None:
-        hypotheses.extend(greedy_decode(model, [s.audio for s in block], cfg))
+        hypotheses.extend(greedy_decode(model, [s.audio for s in block], cfg, stats))
         ids.extend(s.id for s in block)
         references.extend(s.target(task) for s in block)
         block.clear()
@@ -88,6 +91,8 @@ def evaluate(model: SpeechLLM, samples: Iterable, task: str, cfg: DecodeConfig) 
     if task == "asr":
         wer = corpus_wer(hypotheses, references)
         excluded = [ids[index] for index in wer.excluded]
-        return EvalResult(task, "wer", 100.0 * wer.wer, ids, hypotheses, references, skipped, excluded, wer=wer)
+        return EvalResult(
+            task, "wer", 100.0 * wer.wer, ids, hypotheses, references, skipped, excluded, wer=wer, decode=stats
+        )
     bleu = corpus_bleu(hypotheses, references)
-    return EvalResult(task, "bleu", bleu.bleu, ids, hypotheses, references, skipped, bleu=bleu)
+    return EvalResult(task, "bleu", bleu.bleu, ids, hypotheses, references, skipped, bleu=bleu, decode=stats)

@@ -73,6 +73,8 @@ class TrainResult:
         resumed_from: Step the run resumed from; 0 for a fresh run.
         skipped: `(where, reason)` of the samples left out (a `SpeechDataset.for_training()` under `skip`
             reports them): at load time, and those training met, before a resume too and on every rank.
+        unreadable: Checkpoints this run found unreadable (truncated, corrupt) and moved aside as `*.corrupt`,
+            newest first; when none was readable, training started over from step 0.
     """
 
     steps: int
@@ -80,6 +82,7 @@ class TrainResult:
     checkpoint: Path | None
     resumed_from: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)
 
 
 def train(
@@ -117,8 +120,8 @@ def train(
         Steps done, per-step losses, the last checkpoint and the step resumed from (the same on every rank).
 
     Raises:
-        BadInputError: No samples, nothing to train, a checkpoint that does not fit the model, the config or the
-            number of processes, or no readable checkpoint in a directory that has some.
+        BadInputError: No samples, nothing to train, or a checkpoint that does not fit the model, the config or
+            the number of processes.
         FloatingPointError: A step's loss is not finite (the weights are left as they were before it).
     """
     if len(samples) == 0:
@@ -131,8 +134,8 @@ def train(
     device = next(iter(params.values())).device
     group = _Group.current(device)
     ckpt_root = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
-    checkpoint, losses, skipped = (
-        _resume(ckpt_root, params, optimizer, cfg, group) if ckpt_root is not None else (None, [], [])
+    checkpoint, losses, skipped, unreadable = (
+        _resume(ckpt_root, params, optimizer, cfg, group) if ckpt_root is not None else (None, [], [], [])
     )
     resumed_from = len(losses)
     if checkpoint is None:
@@ -174,7 +177,7 @@ def train(
     finally:
         model.eval()
     skipped = _skipped(samples, skipped, group)
-    return TrainResult(len(losses), losses, checkpoint, resumed_from, skipped)
+    return TrainResult(len(losses), losses, checkpoint, resumed_from, skipped, unreadable)
 
 
 def _skipped(samples: Sequence, earlier: list[tuple[str, str]], group: _Group) -> list[tuple[str, str]]:
@@ -318,19 +321,20 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     group: _Group,
-) -> tuple[Path | None, list[float], list[tuple[str, str]]]:
+) -> tuple[Path | None, list[float], list[tuple[str, str]], list[Path]]:
     """Load the newest readable checkpoint under `root` into params, optimizer and RNGs.
 
-    Returns it, its losses and the samples it had recorded as skipped (none in a fresh run).
+    Returns it (None for a fresh start), its losses, the samples it had recorded as skipped, and the checkpoints
+    found unreadable and moved aside.
     """
     # Resume precedence (rank 0 decides and reads; every rank loads what rank 0 read, so all resume alike):
     # 1. the newest `step-*` checkpoint whose state.json, trainable.safetensors and optimizer.pt all read;
-    # 2. an unreadable one is skipped with a warning and the next older one is tried; once one loads, the
-    #    skipped ones are renamed `*.corrupt` (kept as evidence, out of the way of keep-last-2);
-    # 3. no checkpoint at all: a fresh run; checkpoints but none readable: an error, never a silent restart.
+    # 2. an unreadable one is skipped with a warning naming it and the next older one is tried; the skipped ones
+    #    are renamed `*.corrupt` (kept as evidence, out of the way of keep-last-2);
+    # 3. no checkpoint at all, or none readable (with a warning saying so): a fresh start from step 0.
     # A readable checkpoint that does not fit the model, the config or the number of processes (which sets the
     # global batch) is an error, not a fallback.
-    found: tuple[Path, dict, dict[str, torch.Tensor], dict] | BaseException | None = None
+    found: tuple[tuple[Path, dict, dict[str, torch.Tensor], dict] | None, list[Path]] | BaseException | None = None
     if group.rank == 0:
         try:
             found = _read_newest(root, params, cfg, group.world)
@@ -339,9 +343,10 @@ def _resume(
     found = group.share(found)
     if isinstance(found, BaseException):
         raise found
-    if found is None:
-        return None, [], []
-    path, state, tensors, optim_state = found
+    newest, unreadable = found
+    if newest is None:
+        return None, [], [], unreadable
+    path, state, tensors, optim_state = newest
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])
@@ -349,15 +354,17 @@ def _resume(
     _set_rng_states(state["rng"][group.rank])
     log.info("resumed from %s", path)
     # Checkpoints written before `skipped` was saved have none.
-    return path, list(state["losses"]), [tuple(item) for item in state.get("skipped", [])]
+    return path, list(state["losses"]), [tuple(item) for item in state.get("skipped", [])], unreadable
 
 
 def _read_newest(
     root: Path, params: dict[str, torch.nn.Parameter], cfg: TrainConfig, world: int
-) -> tuple[Path, dict, dict[str, torch.Tensor], dict] | None:
-    """The newest readable checkpoint under `root` (path, state, tensors, optimizer state), checked; None if none."""
+) -> tuple[tuple[Path, dict, dict[str, torch.Tensor], dict] | None, list[Path]]:
+    """The newest readable checkpoint under `root` (path, state, tensors, optimizer state), checked, or None; and
+    the unreadable ones, moved aside."""
     candidates = _checkpoints(root)
-    unreadable = []
+    unreadable: list[Path] = []
+    newest = None
     for path in reversed(candidates):
         try:
             state, tensors, optim_state = _read_checkpoint(path)
@@ -366,14 +373,16 @@ def _read_newest(
             unreadable.append(path)
             continue
         _check_compatible(path, state, tensors, params, cfg, world)
-        for bad in unreadable:
-            corrupt = bad.with_name(f"{bad.name}.corrupt")
-            shutil.rmtree(corrupt, ignore_errors=True)
-            bad.rename(corrupt)
-        return path, state, tensors, optim_state
-    if candidates:
-        raise BadInputError(f"{root}: none of the checkpoints {[p.name for p in candidates]} is readable")
-    return None
+        newest = path, state, tensors, optim_state
+        break
+    if unreadable and newest is None:
+        log.warning("no checkpoint under %s is readable (%s): training starts over from step 0", root,
+                    ", ".join(p.name for p in unreadable))  # fmt: skip
+    for bad in unreadable:
+        corrupt = bad.with_name(f"{bad.name}.corrupt")
+        shutil.rmtree(corrupt, ignore_errors=True)
+        bad.rename(corrupt)
+    return newest, unreadable
 
 
 def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:

@@ -164,6 +164,14 @@ def test_summaries_equal_the_slam_functions_on_the_logged_metrics(first_run):
             result = next(row for row in table["results"] if row["healing"] == healing)
             assert result["baseline"] == baseline
             assert [row["scores"] for row in result["rows"]] == list(scores.values())
+            # Speed and memory against the baseline's, as logged by both cells.
+            base = baseline_run.data.metrics
+            assert [row["speedup"] for row in result["rows"]] == [
+                {"test": r.data.metrics["test.decode_tokens_per_s"] / base["test.decode_tokens_per_s"]} for r in pruned
+            ]
+            assert [row["peak_memory_ratio"] for row in result["rows"]] == [
+                r.data.metrics["peak_memory_mb"] / base["peak_memory_mb"] for r in pruned
+            ]
             key = f"removable_fraction.tiny.speech-{study}.{healing.replace('+', '_')}"
             if baseline["test"] == 0:  # a random tiny model may score BLEU 0: the relative change is undefined
                 assert result["removable_fraction"] is None and key not in summary_run.data.metrics
@@ -260,12 +268,12 @@ def test_training_and_healing_skip_bad_audio_under_skip_and_report_it(world, ray
 
 
 @pytest.mark.slow
-def test_a_cell_whose_worker_dies_is_failed_and_resumes_from_its_checkpoint(world, ray_cluster):
+def test_without_retries_a_cell_whose_worker_dies_is_failed_and_resumes_from_its_checkpoint(world, ray_cluster):
     uri = f"sqlite:///{world}/mlflow.db"
     study = {**STUDIES[0], "healing": ["none"]}
     path = write_experiment(world, "killed", [study], train={"steps": 1000, "batch_size": 2, "checkpoint_every": 20})
     result: dict[str, RunReport] = {}
-    thread = threading.Thread(target=lambda: result.update(first=run_experiment(path, uri, world / "out")))
+    thread = threading.Thread(target=lambda: result.update(first=run_experiment(path, uri, world / "out", retries=0)))
     thread.start()
     deadline = time.monotonic() + 300
     while not list((world / "out" / "killed").glob("*/train/checkpoints/step-*")):

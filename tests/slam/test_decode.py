@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slam.config import DecodeConfig, DecoderConfig, EncoderConfig, HealConfig, ProjectorConfig, SpeechLLMConfig
-from slam.decode import greedy_decode, greedy_token_ids
+from slam.decode import DecodeStats, greedy_decode, greedy_token_ids
 from slam.healing import add_healing
 from slam.pruning import drop_layers
 
@@ -60,6 +60,14 @@ def test_rows_stop_at_eos_and_leave_the_batch(model, waves):
     assert batched == expected
     assert len({len(ids) for ids in batched}) > 1  # rows ended at different steps
     assert batched == _one_by_one(model, waves, LIMIT)
+
+    # The tokens generated: each hypothesis's, plus the EOS of each row that stopped before the limit.
+    stats = DecodeStats()
+    greedy_token_ids(model, waves[:3], DecodeConfig(batch_size=2, max_new_tokens=LIMIT), stats)
+    greedy_token_ids(model, waves[3:], DecodeConfig(batch_size=2, max_new_tokens=LIMIT), stats)
+    assert stats.tokens == sum(len(ids) + (len(ids) < LIMIT) for ids in batched)
+    assert stats.encode_seconds > 0 and stats.decode_seconds > 0
+    assert stats.tokens_per_second == stats.tokens / stats.decode_seconds
 
 
 def test_pruned_and_healed_model_decodes_the_same_batched(model, waves):

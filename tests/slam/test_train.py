@@ -249,20 +249,39 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(build, samples
 
     assert "step-000005 is unreadable" in caplog.text
     assert again.resumed_from == 4 and again.losses == full.losses  # step 5 run again, identically
+    assert again.unreadable == [tmp_path / "checkpoints" / "step-000005"]
     assert (tmp_path / "checkpoints" / "step-000005.corrupt").is_dir()  # kept aside, not deleted
     assert latest_checkpoint(tmp_path) == again.checkpoint == tmp_path / "checkpoints" / "step-000005"
     tensors = load_file(again.checkpoint / "trainable.safetensors")
     assert all(torch.equal(tensors[n], p.detach()) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(build, samples, tmp_path):
+def test_no_readable_checkpoint_starts_over_and_says_so(build, samples, tmp_path, caplog):
+    fresh = train(build(), samples, replace(CFG, steps=4), tmp_path / "fresh")
     train(build(), samples, replace(CFG, steps=4), tmp_path)
     for ckpt in (tmp_path / "checkpoints").iterdir():
         (ckpt / "state.json").write_text("{")
 
-    for _ in range(2):  # a second attempt fails the same way: nothing was moved aside or overwritten
-        with pytest.raises(BadInputError, match=r"none of the checkpoints \['step-000002', 'step-000004'\]"):
-            train(build(), samples, replace(CFG, steps=4), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="slam.train"):
+        again = train(build(), samples, replace(CFG, steps=4), tmp_path)
+
+    assert "no checkpoint under" in caplog.text and "step-000004, step-000002" in caplog.text
+    assert "training starts over from step 0" in caplog.text
+    assert again.resumed_from == 0 and again.losses == fresh.losses
+    assert [p.name for p in again.unreadable] == ["step-000004", "step-000002"]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-000002", "step-000002.corrupt", "step-000004", "step-000004.corrupt"]
+
+
+def test_a_checkpoint_that_would_run_code_is_not_unpickled(build, samples, tmp_path):
+    cfg = replace(CFG, steps=2, checkpoint_every=1)
+    train(build(), samples, cfg, tmp_path)
+    marker = tmp_path / "ran"
+    torch.save(_Planted(marker), tmp_path / "checkpoints" / "step-000002" / "optimizer.pt")
+
+    again = train(build(), samples, cfg, tmp_path)
+    assert not marker.exists()
+    assert again.resumed_from == 1 and [p.name for p in again.unreadable] == ["step-000002"]
 
 
 def test_checkpoint_of_another_model_or_config_is_rejected(build, samples, tmp_path):
@@ -449,3 +468,13 @@ def _outcome(model, result) -> dict:
         "steps": result.steps,
         "resumed_from": result.resumed_from,
     }
+
+
+class _Planted:
+    """Unpickling this writes a file: what a malicious checkpoint or model would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
