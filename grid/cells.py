@@ -12,7 +12,9 @@ Kinds, in execution order:
 - `prune`: one (model, path, n, healing) of a study: prune the `train` cell's SpeechLLM along the
   `path` cell's path, heal it, evaluate it. Healing runs in one process on the baseline training's global
   batch: its `heal_train.batch_size` is the file's `batch_size` times `train_workers` (the paper: 8 x 2).
-- `summary`: one per study; depends on every path, eval and prune cell of the study.
+- `summary`: one per study; depends on every path, eval and prune cell of the study. A `search: bisect`
+  study's prune cells are the depths its binary searches asked for, and its summary exists once they decided
+  (`expand` with the results so far).
 
 A cell's `config` is everything that determines its result, as plain JSON data, including the ids of
 the cells it depends on; its `id` hashes kind and config. Display names (of models, tasks, studies)
@@ -28,11 +30,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from grid.experiment import Experiment, ModelSpec, PathSpec, Study, TaskSpec
-from slam.config import HealConfig, SpeechLLMConfig, json_ready, to_dict
+from slam.config import TASK_METRICS, HealConfig, SpeechLLMConfig, json_ready, to_dict
+from slam.metrics import bisect_depth, set_scores, within_threshold
 
 KINDS = ("train", "path", "eval", "prune", "summary")
 
@@ -72,16 +76,22 @@ def cell_id(kind: str, config: dict) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
-def expand(exp: Experiment) -> list[Cell]:
+def expand(exp: Experiment, results: Mapping[str, Mapping[str, float]] | None = None) -> list[Cell]:
     """Expand an experiment into its cells, shared cells once, each after the cells it depends on.
+
+    A `search: bisect` study's pruned cells depend on what earlier ones scored: the search asks for the next
+    depth once the one before has a result in `results`, and the study's summary cell appears once every search
+    of the study has decided. Expanding again as results come in (`grid.runner` does) grows the grid until it
+    is complete; with every result in, the cells are what they will stay.
 
     Args:
         exp: A loaded experiment.
+        results: The metrics of each finished cell, by id (`GridStore.results`); None: none finished.
 
     Returns:
         The cells ordered by kind (`KINDS`), then by first use in the file's studies.
     """
-    grid = _Grid(exp)
+    grid = _Grid(exp, results or {})
     for study in exp.studies:
         grid.add_study(study)
     return grid.cells()
@@ -107,13 +117,15 @@ class _Entry:
 class _Grid:
     """Collects the cells of each study, deduplicated by id."""
 
-    def __init__(self, exp: Experiment) -> None:
+    def __init__(self, exp: Experiment, results: Mapping[str, Mapping[str, float]]) -> None:
         self.exp = exp
+        self.results = results
         self.entries: dict[str, _Entry] = {}
 
     def add_study(self, study: Study) -> None:
         task = self.exp.tasks[study.task]
         paths, evals, prunes = [], [], []
+        searching = False
         for model_name in study.models:
             model = self.exp.models[model_name]
             refs = [study.resolve(spec, model_name) for spec in study.paths]
@@ -122,11 +134,21 @@ class _Grid:
             if study.measures_only:
                 continue
             train = self.train(model, task, study)
-            evals.append(self.eval(model, task, train, study))
+            evaluated = self.eval(model, task, train, study)
+            evals.append(evaluated)
             for ref, path in zip(refs, model_paths):
-                for n in study.depths_for(model.layers, ref.convention):
+                depths = study.depths_for(model.layers, ref.convention)
+                if study.search == "bisect":
+                    for healing in study.healing:
+                        asked, decided = self.bisect(model, task, train, evaluated, path, ref, depths, healing, study)
+                        prunes += asked
+                        searching = searching or not decided
+                    continue
+                for n in depths:
                     for healing in study.healing:
                         prunes.append(self.prune(model, task, train, path, ref, n, healing, study))
+        if searching:
+            return  # the summary waits for every search of the study to decide
         deps = _unique(paths + evals + prunes)
         config = {
             "study": study.name,
@@ -135,7 +157,45 @@ class _Grid:
             "eval_cells": _unique(evals),
             "prune_cells": _unique(prunes),
         }
+        if study.search != "sweep":
+            config["search"] = study.search
         self.add("summary", config, deps, {"task": task.name}, study)
+
+    def bisect(
+        self,
+        model: ModelSpec,
+        task: TaskSpec,
+        train: str,
+        evaluated: str,
+        path: str,
+        ref: PathSpec,
+        depths: tuple[int, ...],
+        healing: str,
+        study: Study,
+    ) -> tuple[list[str], bool]:
+        """The pruned cells a binary search over `depths` has asked for so far, and whether it has decided.
+
+        A depth passes when its scores are within the threshold of the baseline's on every evaluation set; a
+        zero baseline score (where the relative change is undefined) ends the search after its first cell.
+        """
+        metric = TASK_METRICS[task.task]
+        asked: list[str] = []
+        baseline = set_scores(self.results[evaluated], metric) if evaluated in self.results else None
+
+        def passes(n: int) -> bool | None:
+            cell = self.prune(model, task, train, path, ref, n, healing, study)
+            asked.append(cell)
+            if cell not in self.results or baseline is None:
+                return None
+            if not all(baseline.values()):
+                raise _Undecidable
+            return within_threshold(baseline, set_scores(self.results[cell], metric), metric)
+
+        try:
+            _, needed = bisect_depth(sorted(depths), passes)
+        except _Undecidable:
+            return asked, True
+        return asked, needed is None
 
     def train(self, model: ModelSpec, task: TaskSpec, study: Study) -> str:
         config = {
@@ -238,6 +298,10 @@ class _Grid:
             Cell(entry.kind, entry.config, entry.deps, {**entry.tags, "study": ",".join(entry.studies)})
             for entry in order
         ]
+
+
+class _Undecidable(Exception):
+    """A bisect search's baseline scored 0: no relative change, no decision; the summary says so."""
 
 
 def _heal(heal: HealConfig, strategy: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ tasks:                      # named tasks
   NAME: {task: asr|ast, prompt: ..., train: {DataConfig}, dev: {SET: {DataConfig}}, eval: {SET: {DataConfig}}}
 studies:                    # grid blocks
   - {name, task, models: [...], paths: [{source: speech|text, task?, model?, convention?}], depths: all|[n...],
-     healing: [...]}
+     healing: [...], search?: sweep|bisect}
 ```
 
 Conventions:
@@ -41,6 +41,10 @@ Conventions:
   the model's config.
 - A study with `depths: []` only measures pruning paths (Figure 1's heatmaps): no baseline evaluation,
   no pruned cells, and no `healing`.
+- `search: sweep` (default) runs a pruned cell at every depth. `search: bisect` finds, for each (model, path,
+  healing), the deepest depth within the threshold by binary search over `depths` (`slam.metrics.bisect_depth`):
+  ceil(log2(k + 1)) pruned cells of k depths, assuming that degradation grows with depth (a depth within the
+  threshold means every shallower one is). A pruned cell is the same cell, with the same id, whichever asked.
 - A path's `convention` is `paper` (default: eq. 2, block n removes the n-1 layers l*+1..l*+n-1, n = 2..m-1) or
   `gromov` (Gromov et al., PruneMe: block n removes the n layers l*+1..l*+n that D[l][l+n] spans, n = 1..m-2);
   see `slam.redundancy`. A depth n is the block size of D[l][l+n] in either; `all` is every n of the path's
@@ -105,7 +109,9 @@ _BASED_KEYS = ("name", "base", "studies")
 _DEFAULT_KEYS = ("projector", "train", "heal", "heal_train", "decode", "distance", "seed", "train_workers")
 _MODEL_KEYS = ("encoder", "decoder", "layers", "train", "heal_train")
 _TASK_KEYS = ("task", "prompt", "train", "dev", "eval")
-_STUDY_KEYS = ("name", "task", "models", "paths", "depths", "healing")
+_STUDY_KEYS = ("name", "task", "models", "paths", "depths", "healing", "search")
+SEARCHES = ("sweep", "bisect")
+"""How a study covers its depths: every one, or a binary search for the deepest within the threshold."""
 _PATH_KEYS = ("source", "task", "model", "convention")
 _LOCAL_PREFIXES = ("./", "../", "/", "~")
 # Names become MLflow tags, metric keys (`wer/test-clean`) and directory names.
@@ -180,6 +186,8 @@ class Study:
     block n removes n - 1 layers); () measures paths only."""
     healing: tuple[str, ...]
     """Healing strategies: `none`, `decoder`, `projector`, `decoder+projector`; () when there are no depths."""
+    search: str = "sweep"
+    """`sweep` (every depth) or `bisect` (a binary search for the deepest depth within the threshold)."""
 
     @property
     def measures_only(self) -> bool:
@@ -533,7 +541,11 @@ class _Parser:
                 self.same_depth(path, models[model], models, f"{where}.paths[{i}].model")
         depths = self.depths(raw["depths"], f"{where}.depths", [models[m] for m in names], paths)
         healing = self.healing(raw.get("healing", []), f"{where}.healing", measures_only=depths == ())
-        return Study(name=name, task=task, models=tuple(names), paths=paths, depths=depths, healing=healing)
+        search = self.choice(raw.get("search", "sweep"), f"{where}.search", SEARCHES)
+        if search == "bisect" and depths == ():
+            self.fail(f"{where}.search", search, "sweep in a study without depths (it only measures paths)")
+        return Study(name=name, task=task, models=tuple(names), paths=paths, depths=depths, healing=healing,
+                     search=search)  # fmt: skip
 
     def path(self, raw: Any, where: str, models: dict[str, ModelSpec], tasks: dict[str, TaskSpec]) -> PathSpec:
         raw = self.mapping(raw, where)

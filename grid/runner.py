@@ -287,7 +287,6 @@ def run_experiment(
         raise BadInputError(
             f"{first.file}: {first.where}={first.written!r}: no such file or directory: {first.resolved}{more}"
         )
-    cells = expand(exp)
     uri = _absolute(resolve_tracking_uri(tracking_uri))
     # Before the store is opened (which creates it), so that a bad place writes nothing there.
     cell_root = Path(workdir).resolve() / exp.name
@@ -310,6 +309,9 @@ def run_experiment(
         # 3. Every other cell runs once its dependencies have finished: a FAILED, KILLED or interrupted RUNNING
         #    run is continued under the same run id (`GridStore.start_cell`), and its training resumes from the
         #    checkpoints in its working directory (`slam.train`).
+        # 4. A bisect search asks for its next depth once the one before finished: the grid is expanded again
+        #    from the store after each wave, until a wave adds no cell this call has not tried.
+        cells = expand(exp, store.results())
         done = {
             cell: state.run_id for cell, state in store.states(c.id for c in cells).items() if state.status == FINISHED
         }
@@ -329,8 +331,13 @@ def run_experiment(
             try:
                 root = _worker_root(exp.root)
                 pool = _Pool(store, cell_root, root, todo, num_workers, use_gpu, backbones_per_worker, retries)
+                tried: set[str] = set()
                 try:
-                    started = pool.run(todo, done)
+                    while todo:
+                        tried.update(cell.id for cell in todo)
+                        started += pool.run(todo, done)
+                        cells = expand(exp, store.results()) if _searches(exp) else cells
+                        todo = [cell for cell in cells if cell.id not in done and cell.id not in tried]
                 finally:
                     pool.close()
                 worker_loads = pool.loads
@@ -362,11 +369,11 @@ def experiment_status(path: str | Path, tracking_uri: str | None = None) -> Grid
         driver is gone), BLOCKED or PENDING.
     """
     exp = load_experiment(path)
-    cells = expand(exp)
     uri = _absolute(resolve_tracking_uri(tracking_uri))
     if not store_has_experiment(uri, exp.name):
-        return grid_status(cells, {}, exp.name)
+        return grid_status(expand(exp), {}, exp.name)
     store = GridStore(uri, exp.name)
+    cells = expand(exp, store.results())
     parent = store.find_parent()
     holder = DriverLease(store.client, parent, exp.name).holder() if parent else None
     return grid_status(cells, store.states(c.id for c in cells), exp.name, driver=holder)
@@ -735,6 +742,11 @@ class _Pool:
             else f"the Ray cluster has {self.capacity} {self.unit}s"
         )
         return f"train_workers={workers}: DDP training needs {workers} {self.unit} slots at once, but {limit}"
+
+
+def _searches(exp) -> bool:
+    """Whether a study of the experiment searches its depths (its cells grow as results come in)."""
+    return any(study.search != "sweep" for study in exp.studies)
 
 
 def _init_ray(address: str | None, dashboard_host: str) -> None:

@@ -53,6 +53,7 @@ from grid.cells import Cell
 from grid.experiment import is_local_path, resolve_paths
 from grid.tracking import CellRun, GridStore
 from slam.config import (
+    TASK_METRICS,
     DataConfig,
     DecodeConfig,
     DecoderConfig,
@@ -67,7 +68,7 @@ from slam.data import load_dataset
 from slam.errors import BadInputError
 from slam.evaluate import evaluate
 from slam.healing import add_healing
-from slam.metrics import BLEU_THRESHOLD, WER_THRESHOLD, relative_change, removable_fraction
+from slam.metrics import BLEU_THRESHOLD, WER_THRESHOLD, relative_change, removable_fraction, set_scores
 from slam.model import (
     SpeechEncoder,
     SpeechLLM,
@@ -92,9 +93,6 @@ HEATMAP_ARTIFACT = "heatmap.png"
 """Artifact of a `path` cell: D[l][l+n] over layer l and block size n."""
 SUMMARY_ARTIFACT = "summary.json"
 """Artifact of a `summary` cell: its study's table (also `summaries/{study}.json` on the parent run)."""
-METRIC_OF_TASK = {"asr": "wer", "ast": "bleu"}
-"""The score each task is evaluated and summarised by."""
-
 _THRESHOLDS = {"wer": WER_THRESHOLD, "bleu": BLEU_THRESHOLD}
 # MLflow metric keys allow letters, digits and `_ - . / : space`; model and strategy names may hold more (`+`).
 _METRIC_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -309,12 +307,12 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
     row per pruned depth, and the removable fraction (`slam.metrics.removable_fraction`); the fraction is None
     when a baseline score is 0, where the relative change is undefined.
     """
-    metric = METRIC_OF_TASK[config["task"]]
+    metric = TASK_METRICS[config["task"]]
     baselines: dict[str, dict[str, float]] = {}
     baseline_costs: dict[str, dict[str, Any]] = {}
     for cell in config["eval_cells"]:
         run = store.client.get_run(deps[cell])
-        baselines[run.data.params["train_cell"]] = _scores(run.data.metrics, metric)
+        baselines[run.data.params["train_cell"]] = set_scores(run.data.metrics, metric)
         baseline_costs[run.data.params["train_cell"]] = _costs(run.data.metrics)
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     for cell in config["prune_cells"]:
@@ -343,7 +341,7 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
                 "n": int(metrics["n"]),
                 "fraction": metrics["fraction"],
                 "removed": json.loads(tags["removed"]),
-                "scores": _scores(metrics, metric),
+                "scores": set_scores(metrics, metric),
                 # The paper's speed and memory claim, per depth: decoding throughput and peak memory against the
                 # baseline's (a speedup > 1 is faster; CPU memory is the worker's peak resident size, less telling).
                 "speedup": {
@@ -378,6 +376,7 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
     return {
         "study": config["study"],
         "task": config["task"],
+        "search": config.get("search", "sweep"),
         "metric": metric,
         "threshold": _THRESHOLDS[metric],
         "results": results,
@@ -666,12 +665,6 @@ def _costs(metrics: Mapping[str, float]) -> dict[str, Any]:
     suffix = ".decode_tokens_per_s"
     rates = {key[: -len(suffix)]: value for key, value in metrics.items() if key.endswith(suffix)}
     return {"tokens_per_s": rates, "peak_memory_mb": metrics.get("peak_memory_mb")}
-
-
-def _scores(metrics: Mapping[str, float], metric: str) -> dict[str, float]:
-    """`{set}.{metric}` metrics as set -> score."""
-    suffix = f".{metric}"
-    return {key[: -len(suffix)]: value for key, value in metrics.items() if key.endswith(suffix)}
 
 
 def _path_step(report: dict, n: int, path_cell: str) -> PathStep:

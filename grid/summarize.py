@@ -111,10 +111,10 @@ def summarize(path: str | Path, tracking_uri: str | None = None, log: bool = Tru
         ValueError: The store has no MLflow experiment of that name (nothing has run yet).
     """
     exp = load_experiment(path)
-    cells = expand(exp)
     uri = resolve_tracking_uri(tracking_uri)
     _require_experiment(uri, exp.name)
     store = GridStore(uri, exp.name)
+    cells = expand(exp, store.results())
     finished = {
         cell_id: state.run_id
         for cell_id, state in store.states(cell.id for cell in cells).items()
@@ -214,7 +214,7 @@ def table1(studies: Sequence[dict[str, Any]]) -> str:
             f"Table 1, study {study['study']}: WER (%) before and after pruning; drop = the largest fraction of "
             f"decoder layers removed with relative WER change <= {study['threshold']:g} on every set"
         )
-        blocks.append(title + "\n" + _aligned(header, rows))
+        blocks.append(title + _search_note(study) + "\n" + _aligned(header, rows))
     return "\n\n".join(blocks)
 
 
@@ -251,7 +251,7 @@ def table2(studies: Sequence[dict[str, Any]]) -> str:
                 f"Table 2, study {study['study']}, {model}, healing {healing}: BLEU per fraction of decoder layers "
                 f"removed along each path; removable: relative BLEU change >= {study['threshold']:g} on every set"
             )
-            blocks.append(title + "\n" + _aligned(header, rows))
+            blocks.append(title + _search_note(study) + "\n" + _aligned(header, rows))
     return "\n\n".join(blocks)
 
 
@@ -376,3 +376,13 @@ def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(line[i])) for line in [header, *rows] if i < len(line)) for i in range(len(header))]
     lines = [header, *rows]
     return "\n".join("  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in lines)
+
+
+def _search_note(study: dict[str, Any]) -> str:
+    """For a bisect study: how its depths were chosen, and what the answer assumes."""
+    if study.get("search", "sweep") == "sweep":
+        return ""
+    return (
+        "\n(search: bisect, a binary search over the depths, which assumes that degradation grows with depth; "
+        "a sweep checks every depth)"
+    )

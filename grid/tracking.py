@@ -165,6 +165,18 @@ class GridStore:
                 runs[cell].append(run)
         return {cell: _state(cell, _pick(runs[cell])) for cell in wanted}
 
+    def results(self) -> dict[str, dict[str, float]]:
+        """The latest metrics of every cell with a FINISHED run, by cell id (what bisect searches decide on).
+
+        Returns:
+            Cell id -> metric name -> value.
+        """
+        runs = self._search("attributes.status = 'FINISHED' and tags.cell_id LIKE '%'")
+        found: dict[str, dict[str, float]] = {}
+        for run in sorted(runs, key=_age):  # the oldest FINISHED run stands for its cell, as in `states`
+            found.setdefault(run.data.tags["cell_id"], dict(run.data.metrics))
+        return found
+
     def finished(self) -> dict[str, str]:
         """The cells with a FINISHED run.
 

@@ -18,6 +18,8 @@ T = TypeVar("T")
 ENCODER_KINDS = ("auto", "wavlm", "whisper")
 DATA_SOURCES = ("librispeech", "loquacious", "covost2", "manifest")
 TASKS = ("asr", "ast")
+TASK_METRICS = {"asr": "wer", "ast": "bleu"}
+"""The score each task is evaluated and summarised by."""
 BAD_SAMPLE_POLICIES = ("error", "skip")
 HEAL_STRATEGIES = ("none", "decoder", "projector", "decoder+projector")
 PATH_CONVENTIONS = ("paper", "gromov")

@@ -6,7 +6,7 @@ paper's summary statistic is the largest fraction of decoder layers that can be 
 change of the score against the unpruned baseline stays within a threshold on every evaluation set at once.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
@@ -191,7 +191,6 @@ def removable_fraction(
         raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(_DEFAULT_THRESHOLDS)}")
     if not baseline:
         raise ValueError("baseline has no evaluation sets")
-    limit = _DEFAULT_THRESHOLDS[metric] if threshold is None else threshold
     best = 0.0
     for fraction, scores in pruned.items():
         if not 0.0 <= fraction <= 1.0:
@@ -199,9 +198,58 @@ def removable_fraction(
         missing = [name for name in baseline if name not in scores]
         if missing:
             raise ValueError(f"fraction {fraction} has no score for evaluation set(s) {missing}")
-        if all(_meets_threshold(relative_change(scores[name], base), limit, metric) for name, base in baseline.items()):
+        if within_threshold(baseline, scores, metric, threshold):
             best = max(best, fraction)
     return best
+
+
+def within_threshold(
+    baseline: Mapping[str, float], scores: Mapping[str, float], metric: str, threshold: float | None = None
+) -> bool:
+    """Whether a pruned model's scores stay within the threshold of the baseline's on every evaluation set.
+
+    Args:
+        baseline: Unpruned model's score per evaluation set name (none zero).
+        scores: The pruned model's score per set (every baseline set present).
+        metric: "wer" or "bleu".
+        threshold: Overrides the metric's default threshold.
+
+    Returns:
+        delta_WER <= the threshold (or delta_BLEU >= it) on every set of `baseline`.
+    """
+    limit = _DEFAULT_THRESHOLDS[metric] if threshold is None else threshold
+    return all(_meets_threshold(relative_change(scores[name], base), limit, metric) for name, base in baseline.items())
+
+
+def bisect_depth(depths: Sequence[int], passes: Callable[[int], bool | None]) -> tuple[int | None, int | None]:
+    """Binary search for the deepest pruning that passes, assuming degradation grows with depth.
+
+    Assumes monotone outcomes: if a depth passes, every shallower one does. Then ceil(log2(len(depths) + 1))
+    outcomes decide, instead of one per depth; where the curve is not monotone, the answer is a passing depth
+    beyond which the depths looked at failed, not necessarily the deepest passing one (a sweep finds that).
+
+    Args:
+        depths: Candidate depths, shallowest (fewest layers removed) first.
+        passes: The outcome of a depth: True (within the threshold), False, or None when not known yet.
+
+    Returns:
+        `(answer, needed)`: while an outcome is missing, `(None, depth)` names the one to get next; once decided,
+        `(deepest passing depth, None)`, the answer None when even the shallowest fails.
+    """
+    low, high = -1, len(depths)  # depths[low] passes (-1: nothing removed), depths[high] fails (len: beyond all)
+    while high - low > 1:
+        middle = (low + high) // 2
+        outcome = passes(depths[middle])
+        if outcome is None:
+            return None, depths[middle]
+        low, high = (middle, high) if outcome else (low, middle)
+    return (depths[low] if low >= 0 else None), None
+
+
+def set_scores(metrics: Mapping[str, float], metric: str) -> dict[str, float]:
+    """An evaluated cell's scores by set, from its `{set}.{metric}` metrics (`{"test-clean": 3.1}`)."""
+    suffix = f".{metric}"
+    return {key[: -len(suffix)]: value for key, value in metrics.items() if key.endswith(suffix)}
 
 
 def format_percent(fraction: float) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -369,3 +370,36 @@ def _write(tmp_path: Path, doc: dict) -> Path:
     path = tmp_path / "edited.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def test_a_bisect_study_asks_log2_depths_of_the_sweeps_cells_and_finds_the_sweeps_answer(tmp_path):
+    # Llama-3.1-8B (32 layers, 30 depths) on a synthetic degradation curve: WER grows 2% of the baseline's per
+    # removed layer, so depths up to n = 13 ((n - 1) x 0.02 <= 0.25) are within the threshold.
+    doc = yaml.safe_load((EXPERIMENTS / "paper.yaml").read_text())
+    study = {"name": "b", "task": "asr", "models": ["llama-3.1-8b"], "paths": [{"source": "speech"}],
+             "depths": "all", "healing": ["none", "decoder+projector"]}  # fmt: skip
+    sweep = [c for c in expand(load_experiment(_write(tmp_path, {**doc, "studies": [study]}))) if c.kind == "prune"]
+    exp = load_experiment(_write(tmp_path, {**doc, "studies": [{**study, "search": "bisect"}]}))
+    sets = ("test-clean", "test-other")
+    results: dict[str, dict[str, float]] = {}
+    rounds = 0
+    while True:
+        cells = expand(exp, results)
+        summaries = [c for c in cells if c.kind == "summary"]
+        if summaries:
+            break
+        for cell in cells:  # every cell asked for finishes, with the curve's scores
+            if cell.kind == "eval":
+                results[cell.id] = {f"{name}.wer": 10.0 for name in sets}
+            elif cell.kind == "prune":
+                results[cell.id] = {f"{name}.wer": 10.0 * (1 + 0.02 * (cell.config["n"] - 1)) for name in sets}
+        rounds += 1
+    asked = [c for c in cells if c.kind == "prune"]
+    assert {c.id for c in asked} <= {c.id for c in sweep}  # the sweep's cells, ids and all
+    for healing in ("none", "decoder+projector"):
+        depths = sorted(c.config["n"] for c in asked if c.config["healing"] == healing)
+        assert len(depths) == 5 == math.ceil(math.log2(30 + 1))  # against 30 in the sweep
+        assert max(n for n in depths if n <= 13) == 13  # the deepest passing depth asked: the sweep's answer
+    [summary] = summaries
+    assert summary.config["search"] == "bisect" and set(summary.config["prune_cells"]) == {c.id for c in asked}
+    assert rounds == 5

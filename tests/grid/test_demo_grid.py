@@ -17,11 +17,9 @@ from grid.cells import expand
 from grid.experiment import load_experiment
 from grid.summarize import summarize
 from slam.metrics import WER_THRESHOLD
-from tests.grid.world import cell_runs, shrunk_demo, slamgrid_run
+from tests.grid.world import cell_runs, repeatable, shrunk_demo, slamgrid_run
 
 REPO = Path(__file__).resolve().parents[2]
-# What differs between two runs of the same cells by nature: time and memory.
-UNREPEATABLE = ("wall_seconds", "peak_memory_mb")
 
 
 def test_the_demo_runs_from_any_directory_and_twice_gives_identical_metrics(tmp_path, monkeypatch):
@@ -74,7 +72,7 @@ def _run(path: Path, uri: str, cwd: Path, monkeypatch) -> dict[str, dict[str, fl
     assert all(run.info.status == "FINISHED" for run in runs)
     metrics = {}
     for run in runs:
-        values = {key: value for key, value in run.data.metrics.items() if key not in UNREPEATABLE}
+        values = repeatable(run.data.metrics)
         assert all(not math.isnan(value) for value in values.values())
         metrics[run.data.tags["cell_id"]] = values
     return metrics

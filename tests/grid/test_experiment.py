@@ -258,6 +258,14 @@ BAD = {
         set_at("studies/0/paths/0", {"source": "text", "convention": "shortgpt"}),
         "studies[0].paths[0].convention='shortgpt' is not allowed: expected one of paper, gromov",
     ),
+    "unknown search": (
+        set_at("studies/0/search", "random"),
+        "studies[0].search='random' is not allowed: expected one of sweep, bisect",
+    ),
+    "a search in a study without depths": (
+        lambda doc: doc["studies"][0].update(depths=[], healing=[], search="bisect"),
+        "studies[0].search='bisect' is not allowed: expected sweep in a study without depths (it only measures paths)",
+    ),
     "depth outside both conventions of a study": (
         lambda doc: doc["studies"][0].update(
             paths=[{"source": "text"}, {"source": "text", "convention": "gromov"}], depths=[2, 7]

@@ -29,7 +29,7 @@ from grid.runner import RunReport, backbone_of, experiment_status, route, run_ex
 from grid.stages import Backbones
 from grid.tracking import GridStore
 from slam.config import DecoderConfig, DistanceConfig, EncoderConfig, ProjectorConfig, SpeechLLMConfig
-from slam.metrics import removable_fraction
+from slam.metrics import bisect_depth, removable_fraction, within_threshold
 from slam.model import load_decoder
 from slam.redundancy import SPEECH_TOKEN, TEXT_TOKEN, text_layer_distances
 from slam.tiny import build_tiny_lm
@@ -356,3 +356,28 @@ def test_backbones_keep_at_most_max_decoders_dropping_the_least_recently_used(wo
 def _cell(decoder: str | None, kind: str) -> Cell:
     config = {"speech_llm": {"decoder": {"name": decoder}}} if decoder else {"study": "s"}
     return Cell(kind, config, ())
+
+
+def test_a_bisect_study_runs_the_cells_its_search_asks_for_in_waves_and_decides(world, ray_cluster):
+    uri = f"sqlite:///{world}/bisect.db"
+    study = {**STUDIES[0], "name": "asr-bisect", "depths": [2, 3], "healing": ["none"], "search": "bisect"}
+    path = write_experiment(world, "bisect", [study])
+    report = run_experiment(path, tracking_uri=uri, workdir=world / "out")
+    assert report.status.all_finished
+    runs = cell_runs(uri, "bisect")
+    prunes = {r.data.tags["cell_id"]: r for r in runs if r.data.tags["cell_kind"] == "prune"}
+    [baseline] = [r for r in runs if r.data.tags["cell_kind"] == "eval"]
+    # The search replayed on what the cells scored asks for exactly the cells that ran, and decides.
+    scores = {int(r.data.metrics["n"]): {"test": r.data.metrics["test.wer"]} for r in prunes.values()}
+    base = {"test": baseline.data.metrics["test.wer"]}
+    answer, needed = bisect_depth([2, 3], lambda n: within_threshold(base, scores[n], "wer") if n in scores else None)
+    assert needed is None and report.started == len(runs)
+    sweep = {c.id for c in expand(load_experiment(write_experiment(world, "sweep", [{**study, "search": "sweep"}])))}
+    assert set(prunes) <= sweep  # a pruned cell is the same cell whichever asked
+    [summary] = [r for r in runs if r.data.tags["cell_kind"] == "summary"]
+    table = GridStore(uri, "bisect").load_json_artifact(summary.info.run_id, "summary.json")
+    assert table["search"] == "bisect"
+    fraction = table["results"][0]["removable_fraction"]
+    assert fraction == (0.0 if answer is None else (answer - 1) / LAYERS) or base["test"] == 0
+    # Run again: everything is finished, the search asks for nothing new.
+    assert run_experiment(path, tracking_uri=uri, workdir=world / "out").started == 0

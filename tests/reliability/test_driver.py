@@ -22,7 +22,6 @@ from mlflow.tracking import MlflowClient
 from grid.errors import GridError
 from grid.lease import RAY_PROCESSES_TAG, DriverLease
 from grid.tracking import GridStore
-from tests.reliability.conftest import UNREPEATABLE
 from tests.reliability.drivers import checkpoints, results, runs_by_cell, slamgrid, start_driver, wait_for
 
 EXPERIMENT = "reliability"
@@ -35,7 +34,7 @@ def calm(long_grid, tmp_path_factory) -> dict[str, dict[str, float]]:
     uri = f"sqlite:///{root}/mlflow.db"
     done = slamgrid("run", str(long_grid), "--tracking-uri", uri, "--workdir", str(root / "out"), "--address", "local")
     assert done.returncode == 0, done.stderr
-    return results(uri, EXPERIMENT, UNREPEATABLE)
+    return results(uri, EXPERIMENT)
 
 
 @pytest.mark.slow
@@ -69,7 +68,7 @@ def test_a_sigkilled_driver_is_resumed_by_the_next_as_if_undisturbed(long_grid, 
         assert runs[cell][0].info.run_id == run_id and runs[cell][0].data.metrics == metrics
     [resumed] = runs[train.data.tags["cell_id"]]
     assert resumed.info.run_id == train.info.run_id and resumed.data.metrics["train.resumed_from"] >= 20
-    assert results(uri, EXPERIMENT, UNREPEATABLE) == calm
+    assert results(uri, EXPERIMENT) == calm
 
 
 @pytest.mark.slow
@@ -97,7 +96,7 @@ def test_ctrl_c_stops_cleanly_marks_killed_and_the_rerun_resumes_past_a_truncate
     step = int(latest.name.removeprefix("step-"))
     assert resumed.data.metrics["train.resumed_from"] == step - 20  # the one before the truncated one
     assert resumed.data.tags["train.unreadable_checkpoints"] == str(latest)
-    assert results(uri, EXPERIMENT, UNREPEATABLE) == calm
+    assert results(uri, EXPERIMENT) == calm
 
 
 def test_a_second_driver_is_refused_naming_the_holder_until_the_holder_is_killed(long_grid, tmp_path):

@@ -1,5 +1,6 @@
 """Tests for slam.metrics: normalised corpus WER, corpus BLEU and the removable fraction from the paper."""
 
+import math
 from decimal import ROUND_HALF_UP, Decimal
 
 import jiwer
@@ -11,12 +12,14 @@ from slam.metrics import (
     WER_THRESHOLD,
     BLEUResult,
     WERResult,
+    bisect_depth,
     corpus_bleu,
     corpus_wer,
     format_percent,
     normalize_english,
     relative_change,
     removable_fraction,
+    within_threshold,
 )
 
 LIBRISPEECH_SETS = ("test-clean", "test-other", "loquacious")
@@ -269,3 +272,30 @@ def test_removable_fraction_rejects_fraction_outside_unit_interval():
 def _round_half_up(value: float) -> float:
     """Rounds to one decimal half-up, as the paper reports 1/16 = 6.25% as 6.3% (Python's round gives 6.2)."""
     return float(Decimal(str(value)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
+@pytest.mark.parametrize("deepest", [None, *range(2, 32)])
+def test_bisect_finds_the_sweeps_answer_on_a_32_layer_curve_in_log2_steps(deepest):
+    depths = list(range(2, 32))  # n = 2..m-1 for m = 32
+    baseline = {"test": 10.0}
+    last = 1 if deepest is None else deepest  # a monotone curve whose deepest passing depth is `deepest`
+    scores = {n: {"test": 10.0 * (1.2 if n <= last else 1.3)} for n in depths}
+    asked = []
+
+    def passes(n):
+        asked.append(n)
+        return within_threshold(baseline, scores[n], "wer")
+
+    answer, needed = bisect_depth(depths, passes)
+    sweep = removable_fraction(baseline, {(n - 1) / 32: scores[n] for n in depths}, "wer")
+    assert needed is None and answer == deepest
+    assert sweep == ((deepest - 1) / 32 if deepest else 0.0)
+    assert len(asked) <= 5 == math.ceil(math.log2(len(depths) + 1))
+
+
+def test_bisect_names_the_depth_it_needs_next():
+    depths = list(range(2, 18))
+    assert bisect_depth(depths, lambda n: None) == (None, 9)  # the middle first
+    assert bisect_depth(depths, {9: True}.get) == (None, 13)  # 9 passes: the deeper half
+    assert bisect_depth(depths, {9: False}.get) == (None, 5)  # 9 fails: the shallower half
+    assert bisect_depth([], lambda n: None) == (None, None)
