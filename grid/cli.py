@@ -90,13 +90,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from grid.runner import run_experiment
 
     # Progress, one line per cell, on stderr; the final table goes to stdout.
-    runner_log = logging.getLogger("grid.runner")
-    if not runner_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("slamgrid: %(message)s"))
-        runner_log.addHandler(handler)
-    runner_log.setLevel(logging.INFO)
-    logging.getLogger("grid.lease").addHandler(runner_log.handlers[0])
+    for name in ("grid.runner", "grid.lease"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("slamgrid: %(message)s"))
+            logger.addHandler(handler)
+    logging.getLogger("grid.runner").setLevel(logging.INFO)
     # A scheduler's (or `kill`'s) SIGTERM stops the grid as Ctrl-C does: running cells KILLED, resumable.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
