@@ -171,11 +171,7 @@ class GridStore:
         Returns:
             Cell id -> metric name -> value.
         """
-        runs = self._search("attributes.status = 'FINISHED' and tags.cell_id LIKE '%'")
-        found: dict[str, dict[str, float]] = {}
-        for run in sorted(runs, key=_age):  # the oldest FINISHED run stands for its cell, as in `states`
-            found.setdefault(run.data.tags["cell_id"], dict(run.data.metrics))
-        return found
+        return {cell: dict(run.data.metrics) for cell, run in self._finished_runs().items()}
 
     def finished(self) -> dict[str, str]:
         """The cells with a FINISHED run.
@@ -183,12 +179,7 @@ class GridStore:
         Returns:
             Cell id -> run id.
         """
-        runs = self._search("attributes.status = 'FINISHED' and tags.cell_id LIKE '%'")
-        # Oldest first, so that the answer is stable even if a race ever left two.
-        done: dict[str, str] = {}
-        for run in sorted(runs, key=_age):
-            done.setdefault(run.data.tags["cell_id"], run.info.run_id)
-        return done
+        return {cell: run.info.run_id for cell, run in self._finished_runs().items()}
 
     def start_cell(self, cell: Cell) -> CellRun:
         """The run a cell writes to, as a context manager that records how it ended.
@@ -280,6 +271,15 @@ class GridStore:
         """The experiment's parent run if it has one (never creates it), else None."""
         parents = sorted(self._search(f"tags.{PARENT_TAG} = '{_PARENT_TAG_VALUE}'"), key=_age)
         return parents[0].info.run_id if parents else None
+
+    def _finished_runs(self) -> dict[str, Run]:
+        """The FINISHED run standing for each cell that has one: the oldest, so that the answer is stable even if
+        a race ever left two (as in `states`)."""
+        runs = self._search("attributes.status = 'FINISHED' and tags.cell_id LIKE '%'")
+        found: dict[str, Run] = {}
+        for run in sorted(runs, key=_age):
+            found.setdefault(run.data.tags["cell_id"], run)
+        return found
 
     def _search(self, filter_string: str) -> list[Run]:
         """Every active run of the experiment that matches, all pages."""
