@@ -107,6 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             num_workers=args.workers,
             ray_address=args.address,
             dashboard_host=args.dashboard_host,
+            feature_cache=_feature_cache(args.feature_cache),
             **({"backbones_per_worker": args.backbones_per_worker} if args.backbones_per_worker else {}),
             **({"retries": args.retries} if args.retries is not None else {}),
         )
@@ -199,6 +200,12 @@ def _parser() -> argparse.ArgumentParser:
         "0.0.0.0 opens it to the network)",
     )
     run.add_argument(
+        "--feature-cache",
+        metavar="DIR|off",
+        help="where frozen-encoder outputs are computed once and reused by every cell (default: WORKDIR/features; "
+        "on a cluster a directory every node sees); `off` encodes every utterance in every cell",
+    )
+    run.add_argument(
         "--backbones-per-worker",
         type=_positive_int,
         help="decoders a worker keeps loaded, least recently used dropped first (default: 2)",
@@ -270,6 +277,13 @@ def _describe(cell: Cell) -> str:
     shown = ("model", "task", "path.source", "n", "healing", "study")
     tags = " ".join(f"{key}={cell.tags[key]}" for key in shown if key in cell.tags)
     return f"{cell.kind} {cell.id} [{tags}]"
+
+
+def _feature_cache(value: str | None) -> str | bool:
+    """`--feature-cache`: a directory, `off` (no cache), or not given (the working directory's)."""
+    if value is None:
+        return True
+    return False if value == "off" else value
 
 
 def _positive_int(text: str) -> int:

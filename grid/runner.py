@@ -64,7 +64,7 @@ from grid.cells import Cell, expand
 from grid.errors import GridError
 from grid.experiment import load_experiment, missing_paths, resolve_paths
 from grid.lease import DriverLease, Holder, stop_processes, this_process_children
-from grid.stages import Backbones, run_cell, train_speech_llm
+from grid.stages import Backbones, log_encoder_use, run_cell, train_speech_llm
 from grid.tracking import ERROR_TAG, PENDING, CellRun, CellState, GridStore, store_has_experiment
 from grid.tracking import tracking_uri as resolve_tracking_uri
 from slam.errors import BadInputError
@@ -79,6 +79,8 @@ INTERRUPTED = "INTERRUPTED"
 STATES = (FINISHED, "FAILED", "KILLED", "RUNNING", INTERRUPTED, BLOCKED, PENDING)
 """Cell states in display order: MLflow's run statuses, INTERRUPTED and BLOCKED (derived), PENDING (no run yet)."""
 DEFAULT_BACKBONES_PER_WORKER = 2
+FEATURES_DIR = "features"
+"""The frozen-encoder feature cache's directory in the working directory, unless `feature_cache` puts it elsewhere."""
 """Decoders a worker keeps loaded by default: cells are routed to workers holding their decoder, so a worker
 rarely needs more, and each master copy of a 7-8B decoder takes 15-30 GB of CPU memory."""
 DEFAULT_RETRIES = 2
@@ -194,7 +196,15 @@ class CellOutcome:
 class CellWorker:
     """A Ray actor that runs cells one at a time, keeping its backbones loaded across them."""
 
-    def __init__(self, uri: str, experiment: str, workdir: str, root: str, max_decoders: int | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        workdir: str,
+        root: str,
+        max_decoders: int | None = None,
+        feature_cache: str | None = None,
+    ) -> None:
         """Open the store and start with no backbone.
 
         Args:
@@ -204,6 +214,7 @@ class CellWorker:
             root: The experiment's directory, absolute or relative to this process's working directory; the
                 cells' relative local paths resolve against it (`grid.experiment.resolve_paths`).
             max_decoders: Decoders kept loaded at most (`Backbones`); None: no limit.
+            feature_cache: Root of the frozen-encoder feature cache (absolute); None: no cache.
         """
         # Download progress bars would interleave in the driver's log, one per artifact a cell reads.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -211,7 +222,7 @@ class CellWorker:
         self.store = GridStore(uri, experiment)
         self.workdir = Path(workdir)
         self.root = root
-        self.backbones = Backbones(max_decoders=max_decoders)
+        self.backbones = Backbones(max_decoders=max_decoders, feature_cache=feature_cache)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, cell: Cell, deps: dict[str, str]) -> CellOutcome:
@@ -250,6 +261,7 @@ def run_experiment(
     backbones_per_worker: int | None = DEFAULT_BACKBONES_PER_WORKER,
     retries: int = DEFAULT_RETRIES,
     dashboard_host: str = LOOPBACK,
+    feature_cache: str | Path | bool = True,
 ) -> RunReport:
     """Run (or resume) every cell of an experiment file on Ray, tracked in MLflow.
 
@@ -268,6 +280,9 @@ def run_experiment(
         retries: Times a cell whose worker or trainer process died (killed, out of host memory, a lost node) is
             started again on a new one in this call, resuming from its checkpoints; a cell that raises is not.
         dashboard_host: Interface the dashboard of a Ray this call starts listens on.
+        feature_cache: Where frozen-encoder outputs are kept and reused (`slam.features`): True for
+            `workdir/features`, a directory (on a cluster, one every node sees, or the same path on each node),
+            or False to encode every utterance in every cell. Results are the same either way.
 
     Returns:
         The report: every cell's state from the store, cells started, backbone loads.
@@ -291,6 +306,9 @@ def run_experiment(
     # Before the store is opened (which creates it), so that a bad place writes nothing there.
     cell_root = Path(workdir).resolve() / exp.name
     check_writable(cell_root, "--workdir")
+    features = _feature_root(feature_cache, workdir)
+    if features is not None:
+        check_writable(Path(features), "--feature-cache")
     database = _sqlite_file(uri)
     if database is not None:
         check_writable(database.parent, "the tracking store's directory", create=False)
@@ -330,7 +348,9 @@ def run_experiment(
                 lease.record_ray_processes(this_process_children())
             try:
                 root = _worker_root(exp.root)
-                pool = _Pool(store, cell_root, root, todo, num_workers, use_gpu, backbones_per_worker, retries)
+                pool = _Pool(
+                    store, cell_root, root, todo, num_workers, use_gpu, backbones_per_worker, retries, features
+                )
                 tried: set[str] = set()
                 try:
                     while todo:
@@ -522,6 +542,7 @@ class _Pool:
         use_gpu: bool | None,
         backbones_per_worker: int | None = DEFAULT_BACKBONES_PER_WORKER,
         retries: int = DEFAULT_RETRIES,
+        feature_cache: str | None = None,
     ) -> None:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         gpus = int(sum(node.get("GPU", 0) for node in nodes))
@@ -548,6 +569,7 @@ class _Pool:
             self.trainer_resources = {"CPU": share}
         self.use_gpu = use_gpu
         self.backbones_per_worker = backbones_per_worker
+        self.feature_cache = feature_cache
         self.store, self.workdir, self.root = store, workdir, root
         self.workers: dict[int, ray.actor.ActorHandle] = {}
         """The worker of each slot that has one."""
@@ -623,6 +645,7 @@ class _Pool:
                     self.root,
                     self.use_gpu,
                     self.trainer_resources,
+                    self.feature_cache,
                 )
                 self.trainers[ref] = cell
                 inflight[ref] = _Job(cell, tuple(slots), time.monotonic(), ddp=True)
@@ -709,7 +732,12 @@ class _Pool:
 
     def _start(self, slot: int) -> ray.actor.ActorHandle:
         self.workers[slot] = CellWorker.options(**self.options).remote(
-            self.store.uri, self.store.experiment, str(self.workdir), self.root, self.backbones_per_worker
+            self.store.uri,
+            self.store.experiment,
+            str(self.workdir),
+            self.root,
+            self.backbones_per_worker,
+            self.feature_cache,
         )
         self.held[slot] = frozenset()
         self.started_workers += 1
@@ -792,7 +820,14 @@ def _store_failed(uri: str, err: MlflowException) -> GridError:
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _train_ddp_cell(
-    cell: Cell, uri: str, experiment: str, workdir: str, root: str, use_gpu: bool, resources: dict[str, float]
+    cell: Cell,
+    uri: str,
+    experiment: str,
+    workdir: str,
+    root: str,
+    use_gpu: bool,
+    resources: dict[str, float],
+    feature_cache: str | None = None,
 ) -> CellOutcome:
     """Run a DDP train cell through Ray Train, in its run; a failure is recorded there and reported back.
 
@@ -808,6 +843,7 @@ def _train_ddp_cell(
         root: The experiment's directory, as `CellWorker` takes it; each training process resolves against it.
         use_gpu: One GPU per training process (NCCL), else CPUs (gloo).
         resources: What each training process holds: one slot's resources.
+        feature_cache: Root of the frozen-encoder feature cache every training process reads and fills; None: none.
 
     Returns:
         The outcome, the task's `host:pid` as worker; loads are those of the W processes (each loads the
@@ -830,6 +866,7 @@ def _train_ddp_cell(
                     "uri": uri,
                     "run_id": run_id,
                     "workdir": str(cell_dir),
+                    "feature_cache": feature_cache,
                 },
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
                 run_config=RunConfig(
@@ -859,10 +896,11 @@ def _train_loop(config: dict) -> None:
     if run is not None:
         run.set_tags({PLACEMENT_GROUP_TAG: get_current_placement_group().id.hex()})
     # Ray Train shows every GPU of the node to each of its workers there: the worker's own is this one.
-    backbones = Backbones(get_device())
+    backbones = Backbones(get_device(), feature_cache=config["feature_cache"])
     try:
         cell_config = resolve_paths(config["config"], config["root"])
         train_speech_llm(cell_config, Path(config["workdir"]), backbones, run)
+        log_encoder_use(run, backbones, (0, 0))
     except Exception as err:
         raise _RankFailed(_one_line(err)) from err
 
@@ -873,6 +911,14 @@ class _RankFailed(RuntimeError):
     Ray Train sends a worker's exception to the driver pickled, and an exception class whose `__init__` takes
     other arguments than its message does not unpickle: the driver would only learn that a health check failed.
     """
+
+
+def _feature_root(feature_cache: str | Path | bool, workdir: str | Path) -> str | None:
+    """The feature cache's absolute directory (`run_experiment`'s `feature_cache`), None when there is none."""
+    if feature_cache is False:
+        return None
+    root = Path(workdir) / FEATURES_DIR if feature_cache is True else Path(feature_cache).expanduser()
+    return str(root.resolve())
 
 
 def _record_failure(store: GridStore, cell: Cell, reason: str) -> None:

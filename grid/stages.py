@@ -67,6 +67,7 @@ from slam.config import (
 from slam.data import load_dataset
 from slam.errors import BadInputError
 from slam.evaluate import evaluate
+from slam.features import FeatureCache
 from slam.healing import add_healing
 from slam.metrics import BLEU_THRESHOLD, WER_THRESHOLD, relative_change, removable_fraction, set_scores
 from slam.model import (
@@ -105,13 +106,20 @@ class Backbones:
     every SpeechLLM gets a deep copy, because pruning and LoRA change a decoder in place.
     """
 
-    def __init__(self, device: str | torch.device | None = None, max_decoders: int | None = None) -> None:
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        max_decoders: int | None = None,
+        feature_cache: str | Path | None = None,
+    ) -> None:
         """Start empty.
 
         Args:
             device: Where models run; None: `cuda` (the worker's one visible GPU) when available, else `cpu`.
             max_decoders: Decoders kept at most; loading one more first drops the least recently used (a 7B
                 master copy takes 15-30 GB of CPU memory). None: no limit.
+            feature_cache: Root of the frozen-encoder feature cache (`slam.features`) every encoder reads and
+                fills; None: encode every utterance every time.
         """
         if max_decoders is not None and max_decoders < 1:
             raise ValueError(f"max_decoders={max_decoders} is not allowed: expected a positive integer or None")
@@ -119,6 +127,7 @@ class Backbones:
         self.max_decoders = max_decoders
         self.loads: dict[str, int] = {}
         """Loads from disk so far, by `encoder:<name>` and `decoder:<name>`."""
+        self.feature_cache = FeatureCache(feature_cache) if feature_cache is not None else None
         self._encoders: dict[EncoderConfig, SpeechEncoder] = {}
         # Least recently used first.
         self._decoders: OrderedDict[DecoderConfig, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = OrderedDict()
@@ -127,8 +136,14 @@ class Backbones:
         """The frozen speech encoder of `cfg`, on `self.device`, loaded on first use."""
         if cfg not in self._encoders:
             self._encoders[cfg] = load_encoder(cfg).to(self.device)
+            self._encoders[cfg].cache = self.feature_cache
             self._count(f"encoder:{cfg.name}")
         return self._encoders[cfg]
+
+    def encoder_use(self) -> tuple[int, int]:
+        """Utterances the loaded encoders have encoded so far, and those they read from the feature cache."""
+        encoders = self._encoders.values()
+        return sum(e.encoded for e in encoders), sum(e.cached for e in encoders)
 
     def decoder(self, cfg: DecoderConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """The master copy of a decoder (on CPU; do not modify it) and its tokenizer, loaded on first use.
@@ -209,7 +224,29 @@ def run_cell(
         raise ValueError(f"cell {cell.id} ({cell.kind}): no finished run given for dependencies {missing}")
     workdir.mkdir(parents=True, exist_ok=True)
     config = resolve_paths(cell.config, "." if root is None else root)
+    before = backbones.encoder_use()
     _STAGES[cell.kind](_Context(cell, config, run, deps, store, workdir, backbones))
+    log_encoder_use(run, backbones, before)
+
+
+def log_encoder_use(run: CellRun | None, backbones: Backbones, before: tuple[int, int]) -> None:
+    """Log what a cell's encoding cost: metrics `features.encoded` (utterances run through the encoder) and
+    `features.cached` (read from the feature cache instead), counted since `before` (`Backbones.encoder_use`).
+
+    In a DDP group (`torch.distributed` initialised) every rank calls this and the counts of all ranks are added up.
+
+    Args:
+        run: The cell's run in the reporting process; None in the other ranks.
+        backbones: The backbones the cell ran on.
+        before: Their `encoder_use()` when the cell began.
+    """
+    encoded, cached = (now - then for now, then in zip(backbones.encoder_use(), before, strict=True))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        counts = torch.tensor([encoded, cached], dtype=torch.long, device=backbones.device)
+        torch.distributed.all_reduce(counts)
+        encoded, cached = (int(count) for count in counts.tolist())
+    if run is not None and encoded + cached > 0:
+        run.log_metrics({"features.encoded": encoded, "features.cached": cached})
 
 
 def train_speech_llm(config: Mapping[str, Any], workdir: Path, backbones: Backbones, run: CellRun | None) -> None:

@@ -35,6 +35,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from slam.config import DecoderConfig, EncoderConfig, LoRAConfig, ProjectorConfig, SpeechLLMConfig, from_dict, to_dict
 from slam.errors import BadInputError
+from slam.features import FeatureCache, audio_key, encoder_fingerprint
 
 SAMPLE_RATE = 16_000
 IGNORE_INDEX = -100
@@ -61,13 +62,24 @@ class DecoderInputs:
 
 
 class SpeechEncoder(nn.Module):
-    """A frozen WavLM or Whisper encoder that maps 16 kHz waveforms to frames and valid lengths."""
+    """A frozen WavLM or Whisper encoder that maps 16 kHz waveforms to frames and valid lengths.
 
-    def __init__(self, model: nn.Module, feature_extractor, kind: str):
+    Each utterance is encoded on its own, so that its frames are the same whatever it is batched with (and
+    whichever cell asks), which is what lets a `slam.features.FeatureCache` (set as `cache`) compute each one once.
+    """
+
+    def __init__(self, model: nn.Module, feature_extractor, kind: str, cache: FeatureCache | None = None):
         super().__init__()
         self.model = model
         self.feature_extractor = feature_extractor
         self.kind = kind
+        self.cache = cache
+        """Where frames computed once are kept; None computes every utterance every time."""
+        self.encoded = 0
+        """Utterances run through the encoder so far (its forward calls)."""
+        self.cached = 0
+        """Utterances whose frames were read from `cache` instead."""
+        self._fingerprint: tuple[torch.device, torch.dtype, str, dict] | None = None
         self.model.requires_grad_(False)
         self.model.eval()
 
@@ -82,20 +94,43 @@ class SpeechEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, waveforms: Sequence[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode a batch of mono 16 kHz waveforms.
+        """Encode a batch of mono 16 kHz waveforms, each on its own (or read from the cache).
 
         Args:
             waveforms: B one-dimensional float arrays of varying lengths.
 
         Returns:
-            frames (B, T', d_e) and lengths (B,): the number of frames that cover each real audio.
+            frames (B, T', d_e), zero past each utterance's frames, and lengths (B,): the number of frames that
+            cover each real audio (T' is the longest).
         """
-        audio = [_as_numpy(w) for w in waveforms]
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
-        if self.kind == "whisper":
-            return self._encode_whisper(audio, device, dtype)
-        return self._encode_wavlm(audio, device, dtype)
+        frames = [self._utterance(_as_numpy(w), device, dtype) for w in waveforms]  # each (T'_i, d_e)
+        lengths = torch.tensor([f.shape[0] for f in frames], dtype=torch.long, device=device)
+        return nn.utils.rnn.pad_sequence(frames, batch_first=True), lengths
+
+    def _utterance(self, audio: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(T', d_e) frames covering one utterance's audio: from the cache, or computed (and then cached)."""
+        if self.cache is None:
+            return self._encode(audio, device, dtype)
+        fingerprint, describe = self._fingerprint_on(device, dtype)
+        compute = lambda: self._encode(audio, device, dtype)  # noqa: E731
+        frames, computed = self.cache.fetch(fingerprint, audio_key(audio), self.dim, dtype, compute, describe)
+        self.cached += not computed
+        return frames.to(device)
+
+    def _encode(self, audio: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        encode = self._encode_whisper if self.kind == "whisper" else self._encode_wavlm
+        out, lengths = encode([audio], device, dtype)
+        self.encoded += 1
+        return out[0, : int(lengths[0])]
+
+    def _fingerprint_on(self, device: torch.device, dtype: torch.dtype) -> tuple[str, dict]:
+        """The encoder's fingerprint where it computes now, hashed once (again only if it moves or is cast)."""
+        if self._fingerprint is None or self._fingerprint[:2] != (device, dtype):
+            fingerprint, describe = encoder_fingerprint(self.model, self.feature_extractor, self.kind)
+            self._fingerprint = (device, dtype, fingerprint, describe)
+        return self._fingerprint[2], self._fingerprint[3]
 
     def _encode_wavlm(self, audio, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.feature_extractor(

@@ -33,7 +33,7 @@ from slam.metrics import bisect_depth, removable_fraction, within_threshold
 from slam.model import load_decoder
 from slam.redundancy import SPEECH_TOKEN, TEXT_TOKEN, text_layer_distances
 from slam.tiny import build_tiny_lm
-from tests.grid.world import LAYERS, TEXTS, build_world, cell_runs, write_experiment
+from tests.grid.world import FEATURE_COUNTS, LAYERS, TEXTS, build_world, cell_runs, repeatable, write_experiment
 
 STUDIES = [
     {"name": "asr", "task": "asr", "models": ["tiny"], "paths": [{"source": "speech"}], "depths": [2],
@@ -108,6 +108,33 @@ def test_a_second_run_starts_no_cell_and_creates_no_run(first_run, world):
     assert again.started == 0 and again.worker_loads == {}
     assert again.counts == {"FINISHED": 14}
     assert len(cell_runs(uri, "runner")) == before
+
+
+def test_the_feature_cache_encodes_each_utterance_once_and_changes_no_result(first_run, tmp_path):
+    path, uri, _ = first_run
+    cached = cell_runs(uri, "runner")
+    # dev and test are among the 8 training utterances: addressed by their audio, each is encoded once in the grid.
+    assert sum(run.data.metrics.get("features.encoded", 0) for run in cached) == len(TEXTS)
+    speech = [
+        run
+        for run in cached
+        if run.data.tags["cell_kind"] in ("train", "eval", "prune") or run.data.tags.get("path.source") == "speech"
+    ]
+    assert all(run.data.metrics["features.encoded"] + run.data.metrics["features.cached"] > 0 for run in speech)
+    # The same grid without the cache, in a new store: every cell encodes all it reads, and every number is the same.
+    off_uri = f"sqlite:///{tmp_path}/off.db"
+    report = run_experiment(path, tracking_uri=off_uri, workdir=tmp_path / "out", feature_cache=False)
+    assert report.counts == {"FINISHED": 14}
+    assert not (tmp_path / "out" / "features").exists()
+    uncached = cell_runs(off_uri, "runner")
+    assert sum(run.data.metrics.get("features.cached", 0) for run in uncached) == 0
+    assert sum(run.data.metrics.get("features.encoded", 0) for run in uncached) > 4 * len(TEXTS)
+
+    def results(runs) -> dict[str, dict[str, float]]:
+        return {run.data.tags["cell_id"]: repeatable(run.data.metrics, also=FEATURE_COUNTS) for run in runs}
+
+    assert results(uncached) == results(cached)
+    assert sum(key.endswith((".wer", ".bleu")) for metrics in results(cached).values() for key in metrics) == 2 + 4
 
 
 def test_path_cells_log_the_path_contract(first_run, world):

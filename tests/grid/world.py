@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo"
 LAYERS = 4
 UNREPEATABLE = ("wall_seconds", "peak_memory_mb", "_tokens_per_s", "decode_seconds", "encode_seconds")
 """Endings of the metrics that differ between two runs of the same cells by nature: time, throughput, memory."""
+FEATURE_COUNTS = ("features.encoded", "features.cached")
+"""What a cell's encoding cost (`grid.stages.log_encoder_use`): depends on what the feature cache held, not results."""
 TRAIN = {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 2}
 """The experiments' default training: 4 steps of 2 utterances."""
 
@@ -116,6 +119,10 @@ def write_experiment(
     return path
 
 
+SHRUNK_SIZES = {"train": 8, "dev": 4, "test": 6}
+"""The utterances `shrunk_demo` takes of each shipped manifest (the first ones)."""
+
+
 def shrunk_demo(root: Path) -> Path:
     """`experiments/demo.yaml` shrunk, written to `root/demo.yaml` beside a link `root/demo` to the shipped world.
 
@@ -127,7 +134,7 @@ def shrunk_demo(root: Path) -> Path:
     doc["defaults"]["train"].update(steps=20, log_every=10, checkpoint_every=10)
     doc["defaults"]["heal_train"].update(steps=3)
     doc["defaults"]["distance"].update(max_samples=4)
-    sizes = {"train": 8, "dev": 4, "test": 6}
+    sizes = SHRUNK_SIZES
     for task in doc["tasks"].values():
         task["train"] = {**task["train"], "max_samples": sizes["train"]}
         for group in ("dev", "eval"):
@@ -142,13 +149,16 @@ def shrunk_demo(root: Path) -> Path:
     return path
 
 
-def slamgrid_run(path: Path, uri: str, workdir: Path, gpus: int = 0) -> str:
-    """`slamgrid run path` on a fresh local Ray of 2 CPUs (and `gpus` logical GPUs); its stdout, once it exited 0."""
+def slamgrid_run(path: Path, uri: str, workdir: Path, gpus: int = 0, options: Sequence[str] = ()) -> str:
+    """`slamgrid run path` on a fresh local Ray of 2 CPUs (and `gpus` logical GPUs); its stdout, once it exited 0.
+
+    `options` are more `slamgrid run` options, e.g. `--feature-cache DIR`.
+    """
     ray.init(address="local", num_cpus=2, num_gpus=gpus, include_dashboard=False)
     try:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            code = main(["run", str(path), "--tracking-uri", uri, "--workdir", str(workdir)])
+            code = main(["run", str(path), "--tracking-uri", uri, "--workdir", str(workdir), *options])
     finally:
         ray.shutdown()
     assert code == 0, out.getvalue()

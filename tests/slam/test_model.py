@@ -49,17 +49,23 @@ def test_encoder_lengths_cover_only_real_audio(kind, samples, frames, wavlm_dir,
     assert encoder.kind == kind
     out, lengths = encoder([np.zeros(samples, np.float32), np.zeros(samples // 2, np.float32)])
     assert lengths.tolist() == [frames, frames // 2]
-    assert out.shape[1] == (1500 if kind == "whisper" else frames)  # Whisper always encodes 30 s
+    # Whisper encodes 30 s (1,500 frames); only those covering the audio are kept, and the batch is padded with zeros.
+    assert out.shape[1] == frames
+    assert not out[1, frames // 2 :].any()
 
 
 @pytest.mark.parametrize("kind", ["wavlm", "whisper"])
 def test_speech_embeddings_do_not_depend_on_batch_padding(kind, wavlm_dir, whisper_dir, qwen_dir):
     model = _speech_llm(wavlm_dir if kind == "wavlm" else whisper_dir, qwen_dir)
     batched, lengths = model.speech_embeddings(WAVES)
+    frames, _ = model.encoder(WAVES)
     for i, wave in enumerate(WAVES):
         alone, alone_len = model.speech_embeddings([wave])
         assert int(lengths[i]) == int(alone_len[0])
-        torch.testing.assert_close(batched[i, : int(lengths[i])], alone[0], atol=1e-4, rtol=1e-4)
+        # Bit for bit: each utterance is encoded on its own, whatever it is batched with.
+        alone_frames, alone_frame_lengths = model.encoder([wave])
+        assert torch.equal(alone_frames[0], frames[i, : int(alone_frame_lengths[0])])
+        torch.testing.assert_close(batched[i, : int(lengths[i])], alone[0], atol=1e-6, rtol=1e-6)
 
 
 def test_whisper_rejects_audio_over_30_seconds(whisper_dir):
