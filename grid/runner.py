@@ -79,10 +79,10 @@ INTERRUPTED = "INTERRUPTED"
 STATES = (FINISHED, "FAILED", "KILLED", "RUNNING", INTERRUPTED, BLOCKED, PENDING)
 """Cell states in display order: MLflow's run statuses, INTERRUPTED and BLOCKED (derived), PENDING (no run yet)."""
 DEFAULT_BACKBONES_PER_WORKER = 2
-FEATURES_DIR = "features"
-"""The frozen-encoder feature cache's directory in the working directory, unless `feature_cache` puts it elsewhere."""
 """Decoders a worker keeps loaded by default: cells are routed to workers holding their decoder, so a worker
 rarely needs more, and each master copy of a 7-8B decoder takes 15-30 GB of CPU memory."""
+FEATURES_DIR = "features"
+"""The frozen-encoder feature cache's directory in the working directory, unless `feature_cache` puts it elsewhere."""
 DEFAULT_RETRIES = 2
 """Times a cell whose process died is started again in the same call (`run_experiment`'s `retries`)."""
 LOOPBACK = "127.0.0.1"
