@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from grid.cells import Cell
-    from grid.runner import GridStatus
+    from grid.status import GridStatus
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -131,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`slamgrid status`: cells per state, read from the store, and why cells failed or are blocked."""
-    from grid.runner import experiment_status
+    from grid.status import experiment_status
 
     _print_status(experiment_status(args.experiment, tracking_uri=args.tracking_uri))
     return 0

@@ -3,8 +3,12 @@
 `run_experiment` expands the file (`grid.cells`), reads from the MLflow store which cells are finished, and runs
 the others on `CellWorker` actors: one per GPU (`num_gpus=1`) on a GPU cluster, else CPU workers. A worker keeps
 its loaded backbones (`grid.stages.Backbones`) across cells, and the scheduler sends a ready cell to an idle
-worker that already holds its decoder when there is one (`route`). A failing cell is recorded FAILED with its
-reason in its run and the grid goes on; the cells that depend on it are not started (BLOCKED, with the reason).
+worker that already holds its decoder when there is one (`grid.schedule.route`). Among ready cells, the one with
+the most work still depending on it goes first (`grid.schedule.by_critical_path`: the deepest trainings, then the
+paths their pruned cells wait on, healings before plain evaluations), and a completion releases its dependents
+through counters (`grid.schedule.ReadyQueue`) instead of a scan of every waiting cell. A failing cell is recorded
+FAILED with its reason in its run and the grid goes on; the cells that depend on it are not started (BLOCKED, with
+the reason).
 Re-running the same command resumes: see the numbered precedence in `run_experiment`.
 
 DDP training: a `train` cell with `train_workers: W > 1` (the paper's 2 GPUs) runs through Ray Train, a
@@ -38,13 +42,15 @@ rank 0 may run on another node: on several nodes, `workdir` belongs on a shared 
 
 from __future__ import annotations
 
+import gc
+import itertools
 import logging
 import os
 import socket
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,21 +69,21 @@ from transformers.utils import logging as hf_logging
 from grid.cells import Cell, expand
 from grid.errors import GridError
 from grid.experiment import load_experiment, missing_paths, resolve_paths
-from grid.lease import DriverLease, Holder, stop_processes, this_process_children
+from grid.lease import DriverLease, stop_processes, this_process_children
+from grid.schedule import ReadyQueue, claim_slots, route, train_workers
 from grid.stages import Backbones, log_encoder_use, run_cell, train_speech_llm
-from grid.tracking import ERROR_TAG, PENDING, CellRun, CellState, GridStore, store_has_experiment
+from grid.status import (
+    FINISHED,
+    GridStatus,
+    grid_status,
+    searches,
+)
+from grid.tracking import ERROR_TAG, CellRun, GridStore, absolute_uri, sqlite_file
 from grid.tracking import tracking_uri as resolve_tracking_uri
 from slam.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-FINISHED = "FINISHED"
-BLOCKED = "BLOCKED"
-"""State of a cell that cannot run because a dependency failed (or is itself blocked)."""
-INTERRUPTED = "INTERRUPTED"
-"""State of a cell whose run reads RUNNING but whose driver is gone (killed): the next `slamgrid run` resumes it."""
-STATES = (FINISHED, "FAILED", "KILLED", "RUNNING", INTERRUPTED, BLOCKED, PENDING)
-"""Cell states in display order: MLflow's run statuses, INTERRUPTED and BLOCKED (derived), PENDING (no run yet)."""
 DEFAULT_BACKBONES_PER_WORKER = 2
 """Decoders a worker keeps loaded by default: cells are routed to workers holding their decoder, so a worker
 rarely needs more, and each master copy of a 7-8B decoder takes 15-30 GB of CPU memory."""
@@ -91,58 +97,12 @@ RETRIES_TAG = "retries"
 """Tag of a cell's run: how often it was started again after its process died, and why, one line each."""
 PLACEMENT_GROUP_TAG = "ray_train.placement_group"
 """Tag of a DDP train cell's run: the placement group holding its trainer's slots (hex id), set by rank 0."""
-_NOT_DONE = ("FAILED", "KILLED", BLOCKED)
+_LOOKAHEAD = 64  # ready cells `_Pool` looks through beyond one per idle slot, for one whose decoder a slot holds
 _RETRY = "retry"  # `_Pool._collect`: the cell's process died and it is started again
-_SQLITE = "sqlite:///"
 _PROBE_BYTES = 1 << 20  # a working directory must take at least a MiB
 _PROBE_SECONDS = 5.0
 # Ray Train moves its workers into its storage directory unless told not to; relative paths resolve where they are.
 _KEEP_WORKING_DIR = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
-
-
-@dataclass(frozen=True)
-class CellStatus:
-    """Where one cell stands."""
-
-    cell: Cell
-    """The cell."""
-    state: str
-    """One of `STATES`."""
-    run_id: str | None
-    """Its run, None when it has none."""
-    reason: str | None
-    """Why it failed (its run's error) or why it is blocked; None otherwise."""
-
-
-@dataclass(frozen=True)
-class GridStatus:
-    """Every cell of an experiment file and where it stands, read from the store."""
-
-    experiment: str
-    """The experiment's name (the MLflow experiment)."""
-    cells: tuple[CellStatus, ...]
-    """One status per cell, in execution order."""
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Cells per state, for the states that have any, in `STATES` order."""
-        counts = Counter(status.state for status in self.cells)
-        return {state: counts[state] for state in STATES if counts[state]}
-
-    @property
-    def failed(self) -> list[tuple[str, str]]:
-        """(cell id, error) of the FAILED and KILLED cells."""
-        return [(s.cell.id, s.reason or "no error recorded") for s in self.cells if s.state in ("FAILED", "KILLED")]
-
-    @property
-    def blocked(self) -> list[tuple[str, str]]:
-        """(cell id, reason) of the BLOCKED cells."""
-        return [(s.cell.id, s.reason or "") for s in self.cells if s.state == BLOCKED]
-
-    @property
-    def all_finished(self) -> bool:
-        """Whether every cell has a FINISHED run."""
-        return all(status.state == FINISHED for status in self.cells)
 
 
 @dataclass(frozen=True)
@@ -224,6 +184,11 @@ class CellWorker:
         self.root = root
         self.backbones = Backbones(max_decoders=max_decoders, feature_cache=feature_cache)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # Every cell ends with a garbage collection (`Backbones.release`), which would otherwise walk every object of
+        # the libraries imported by now (about 640,000, 0.35 s of CPU per cell on a small machine); they live as long
+        # as the process, so they are set aside, and collections see only what cells create.
+        gc.collect()
+        gc.freeze()
 
     def run(self, cell: Cell, deps: dict[str, str]) -> CellOutcome:
         """Run one cell in its run (continued if one exists); a failure is recorded there and reported back.
@@ -302,14 +267,14 @@ def run_experiment(
         raise BadInputError(
             f"{first.file}: {first.where}={first.written!r}: no such file or directory: {first.resolved}{more}"
         )
-    uri = _absolute(resolve_tracking_uri(tracking_uri))
+    uri = absolute_uri(resolve_tracking_uri(tracking_uri))
     # Before the store is opened (which creates it), so that a bad place writes nothing there.
     cell_root = Path(workdir).resolve() / exp.name
     check_writable(cell_root, "--workdir")
     features = _feature_root(feature_cache, workdir)
     if features is not None:
         check_writable(Path(features), "--feature-cache")
-    database = _sqlite_file(uri)
+    database = sqlite_file(uri)
     if database is not None:
         check_writable(database.parent, "the tracking store's directory", create=False)
     try:
@@ -329,7 +294,7 @@ def run_experiment(
         #    checkpoints in its working directory (`slam.train`).
         # 4. A bisect search asks for its next depth once the one before finished: the grid is expanded again
         #    from the store after each wave, until a wave adds no cell this call has not tried.
-        cells = expand(exp, store.results())
+        cells = expand(exp, store.results() if searches(exp) else None)  # a sweep's cells need no results
         done = {
             cell: state.run_id for cell, state in store.states(c.id for c in cells).items() if state.status == FINISHED
         }
@@ -356,7 +321,7 @@ def run_experiment(
                     while todo:
                         tried.update(cell.id for cell in todo)
                         started += pool.run(todo, done)
-                        cells = expand(exp, store.results()) if _searches(exp) else cells
+                        cells = expand(exp, store.results()) if searches(exp) else cells
                         todo = [cell for cell in cells if cell.id not in done and cell.id not in tried]
                 finally:
                     pool.close()
@@ -377,28 +342,6 @@ def run_experiment(
         lease.release()
 
 
-def experiment_status(path: str | Path, tracking_uri: str | None = None) -> GridStatus:
-    """Where every cell of an experiment file stands, read from the store; writes nothing.
-
-    Args:
-        path: The experiment file.
-        tracking_uri: MLflow tracking URI; None: `$MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db`.
-
-    Returns:
-        Each cell's state: FINISHED, FAILED, KILLED, RUNNING (its driver runs), INTERRUPTED (a RUNNING run whose
-        driver is gone), BLOCKED or PENDING.
-    """
-    exp = load_experiment(path)
-    uri = _absolute(resolve_tracking_uri(tracking_uri))
-    if not store_has_experiment(uri, exp.name):
-        return grid_status(expand(exp), {}, exp.name)
-    store = GridStore(uri, exp.name)
-    cells = expand(exp, store.results())
-    parent = store.find_parent()
-    holder = DriverLease(store.client, parent, exp.name).holder() if parent else None
-    return grid_status(cells, store.states(c.id for c in cells), exp.name, driver=holder)
-
-
 def check_writable(directory: Path, what: str, create: bool = True) -> None:
     """Check that files can be written in `directory` (made when `create`) and that its disk is not full.
 
@@ -417,106 +360,6 @@ def check_writable(directory: Path, what: str, create: bool = True) -> None:
     except OSError as err:
         reason = err.strerror or str(err)
         raise GridError(f"{what} {directory}: cannot write there ({reason}); nothing was started") from err
-
-
-def grid_status(
-    cells: Sequence[Cell], states: Mapping[str, CellState], experiment: str, driver: Holder | None = None
-) -> GridStatus:
-    """Each cell's state from its run's status, with BLOCKED and INTERRUPTED derived.
-
-    A cell without a FINISHED run whose dependency is FAILED, KILLED or BLOCKED is BLOCKED: it cannot run until
-    that dependency finishes, whatever an earlier attempt of its own left. A RUNNING run with no live driver
-    holding the experiment (`grid.lease`) is INTERRUPTED: its driver was killed, and `slamgrid run` continues it.
-
-    Args:
-        cells: The cells, each after its dependencies (`grid.cells.expand` order).
-        states: The store's state of each cell id (`GridStore.states`); a missing id counts as PENDING.
-        experiment: The experiment's name.
-        driver: The driver running the experiment now, None when none is.
-
-    Returns:
-        The status of every cell, in the order given.
-    """
-    by_id: dict[str, CellStatus] = {}
-    for cell in cells:
-        state = states.get(cell.id)
-        run_id = state.run_id if state else None
-        status = state.status if state else PENDING
-        reason = state.error if state else None
-        if status == "RUNNING" and driver is None:
-            status, reason = INTERRUPTED, "its driver stopped without finishing it; `slamgrid run` resumes it"
-        if status != FINISHED:
-            bad = next((by_id[dep] for dep in cell.deps if dep in by_id and by_id[dep].state in _NOT_DONE), None)
-            if bad is not None:
-                status, reason = BLOCKED, f"dependency {bad.cell.kind} {bad.cell.id} is {bad.state}"
-        by_id[cell.id] = CellStatus(cell=cell, state=status, run_id=run_id, reason=reason)
-    return GridStatus(experiment=experiment, cells=tuple(by_id.values()))
-
-
-def backbone_of(cell: Cell) -> str | None:
-    """The decoder a cell loads (what workers are matched by), None for a summary."""
-    if "speech_llm" in cell.config:
-        return cell.config["speech_llm"]["decoder"]["name"]
-    if "decoder" in cell.config:
-        return cell.config["decoder"]["name"]
-    return None
-
-
-def route(ready: Sequence[Cell], idle: Sequence[int], held: Mapping[int, frozenset[str]]) -> list[tuple[Cell, int]]:
-    """Assign ready cells to idle slots, each cell to a worker already holding its decoder when one is idle.
-
-    A cell whose decoder no idle worker holds goes to the slot holding fewest backbones (an empty slot, whose
-    worker is started for it, holds none), so that loading it there keeps the others' backbones where they are
-    useful; a cell that loads no backbone (a summary) goes to a running worker when one is idle.
-
-    Args:
-        ready: Cells whose dependencies have finished, most urgent first.
-        idle: Idle slots, running workers first among equals.
-        held: Decoder names of each slot's worker; a slot missing here has no worker yet.
-
-    Returns:
-        (cell, slot) pairs, each slot at most once; cells left over wait for the next idle slot.
-    """
-    free = list(idle)
-    assigned: list[tuple[Cell, int]] = []
-    rest = []
-    for cell in ready:
-        backbone = backbone_of(cell)
-        match = next((w for w in free if backbone is not None and backbone in held.get(w, frozenset())), None)
-        if match is None:
-            rest.append(cell)
-            continue
-        assigned.append((cell, match))
-        free.remove(match)
-    for cell in rest:
-        if not free:
-            break
-        if backbone_of(cell) is None:
-            worker = min(free, key=lambda w: (w not in held, len(held.get(w, frozenset()))))
-        else:
-            worker = min(free, key=lambda w: len(held.get(w, frozenset())))
-        assigned.append((cell, worker))
-        free.remove(worker)
-    return assigned
-
-
-def train_workers(cell: Cell) -> int:
-    """The processes a cell trains in: its `train_workers` (a DDP train cell), else 1."""
-    return cell.config.get("train_workers", 1)
-
-
-def claim_slots(free: Sequence[int], held: Mapping[int, frozenset[str]], count: int) -> list[int]:
-    """The free slots a DDP cell takes: empty ones first, then those of idle workers holding fewest backbones.
-
-    Args:
-        free: Slots running nothing.
-        held: Decoder names of each slot's worker; a slot missing here has no worker.
-        count: Slots wanted, at most `len(free)`.
-
-    Returns:
-        `count` slots; the workers in them are to be stopped.
-    """
-    return sorted(free, key=lambda slot: (slot in held, len(held.get(slot, frozenset())), slot))[:count]
 
 
 @dataclass(frozen=True)
@@ -599,41 +442,34 @@ class _Pool:
             raise
 
     def _schedule(self, todo: list[Cell], done: dict[str, str]) -> int:
-        pending = list(todo)  # expansion order: every dependency comes before its dependents, train cells first
-        not_done: set[str] = set()  # failed or blocked in this call
+        queue = ReadyQueue(todo, done)
         inflight = self.inflight
         started = 0
-        while pending or inflight:
-            waiting = []
-            for cell in pending:
-                bad = next((dep for dep in cell.deps if dep in not_done), None)
-                if bad is None:
-                    waiting.append(cell)
-                    continue
-                not_done.add(cell.id)
-                log.info("%s %s blocked: dependency %s did not finish", cell.kind, cell.id, bad)
-            pending = waiting
+        while queue or inflight:
             busy = {slot for job in inflight.values() for slot in job.slots}
             # Workers first: among equally good slots, a cell goes to a running worker rather than a new one.
             free = sorted((slot for slot in range(self.size) if slot not in busy), key=lambda s: s not in self.workers)
-            ready = [cell for cell in pending if all(dep in done for dep in cell.deps)]
-            singles, failed = [], False
-            for cell in ready:
+            # The most urgent ready cells, as many as `route` looks through to match slots' decoders (a bound, so
+            # that starting a cell costs the same with 10 ready cells as with 10,000).
+            head = list(itertools.islice(queue.ready(), len(free) + _LOOKAHEAD)) if free else []
+            singles, too_wide, ddp = [], [], []
+            for cell in head:
                 workers = train_workers(cell)
                 if workers == 1:
                     singles.append(cell)
-                    continue
-                if workers > self.size:
-                    reason = self._too_wide(workers)
-                    _record_failure(self.store, cell, reason)
-                    pending.remove(cell)
-                    not_done.add(cell.id)
-                    failed = True
-                    log.info("%s %s failed: %s", cell.kind, cell.id, reason)
-                    continue
-                if workers > len(free):
+                elif workers > self.size:
+                    too_wide.append(cell)
+                elif workers > len(free) - sum(train_workers(c) for c in ddp):
                     break  # it waits for running cells to free slots, and the cells after it wait with it
-                slots = claim_slots(free, self.held, workers)
+                else:
+                    ddp.append(cell)
+            for cell in too_wide:
+                reason = self._too_wide(train_workers(cell))
+                _record_failure(self.store, cell, reason)
+                log.info("%s %s failed: %s", cell.kind, cell.id, reason)
+                self._block(queue, cell.id)
+            for cell in ddp:
+                slots = claim_slots(free, self.held, train_workers(cell))
                 for slot in slots:
                     self._stop(slot)
                     free.remove(slot)
@@ -649,21 +485,22 @@ class _Pool:
                 )
                 self.trainers[ref] = cell
                 inflight[ref] = _Job(cell, tuple(slots), time.monotonic(), ddp=True)
-                pending.remove(cell)
+                queue.take(cell)
                 started += 1
-                log.info("%s %s started: DDP in %d processes on slots %s", cell.kind, cell.id, workers, slots)
+                log.info("%s %s started: DDP in %d processes on slots %s", cell.kind, cell.id, len(slots), slots)
             for cell, slot in route(singles, free, self.held):
                 worker = self.workers[slot] if slot in self.workers else self._start(slot)
                 ref = worker.run.remote(cell, {dep: done[dep] for dep in cell.deps})
                 inflight[ref] = _Job(cell, (slot,), time.monotonic(), ddp=False)
-                pending.remove(cell)
+                queue.take(cell)
                 started += 1
                 log.info("%s %s started on %s", cell.kind, cell.id, self.names[slot])
-            if failed:
-                continue  # block the failed cells' dependents before waiting
+            if too_wide:
+                continue  # the cells after them may fit now
             if not inflight:
-                if pending:
-                    raise RuntimeError(f"cells {[c.id for c in pending]} wait on dependencies outside the grid")
+                waiting = queue.waiting()
+                if waiting:
+                    raise RuntimeError(f"cells {[c.id for c in waiting]} wait on dependencies outside the grid")
                 break
             [ref], _ = ray.wait(list(inflight), num_returns=1)
             job = inflight.pop(ref)
@@ -671,12 +508,19 @@ class _Pool:
             seconds = time.monotonic() - job.began
             if error is None:
                 log.info("%s %s finished (%.1f s)", job.cell.kind, job.cell.id, seconds)
+                queue.finished(job.cell.id)
             elif error is _RETRY:
-                pending.insert(0, job.cell)  # first in line: it resumes from its checkpoints
+                queue.again(job.cell)
             else:
-                not_done.add(job.cell.id)
                 log.info("%s %s failed (%.1f s): %s", job.cell.kind, job.cell.id, seconds, error)
+                self._block(queue, job.cell.id)
         return started
+
+    @staticmethod
+    def _block(queue: ReadyQueue, cell_id: str) -> None:
+        """Take a cell that did not finish, and every cell depending on it, out of `queue`, saying why."""
+        for cell, bad in queue.block(cell_id):
+            log.info("%s %s blocked: dependency %s did not finish", cell.kind, cell.id, bad)
 
     def _interrupt(self) -> None:
         """Stop every cell in flight and mark its run KILLED (a rerun continues it from its checkpoints)."""
@@ -770,11 +614,6 @@ class _Pool:
             else f"the Ray cluster has {self.capacity} {self.unit}s"
         )
         return f"train_workers={workers}: DDP training needs {workers} {self.unit} slots at once, but {limit}"
-
-
-def _searches(exp) -> bool:
-    """Whether a study of the experiment searches its depths (its cells grow as results come in)."""
-    return any(study.search != "sweep" for study in exp.studies)
 
 
 def _init_ray(address: str | None, dashboard_host: str) -> None:
@@ -960,23 +799,6 @@ def _worker_root(root: Path) -> str:
         except ValueError:
             pass
     return str(root)
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    """The database file of a local sqlite URI, None for any other store."""
-    if not uri.startswith(_SQLITE):
-        return None
-    database = uri[len(_SQLITE) :].partition("?")[0]
-    return Path(database) if database not in ("", ":memory:") else None
-
-
-def _absolute(uri: str) -> str:
-    """A relative sqlite URI made absolute, so that every worker opens the driver's database."""
-    database = _sqlite_file(uri)
-    if database is None or database.is_absolute():
-        return uri
-    _, sep, query = uri[len(_SQLITE) :].partition("?")
-    return f"{_SQLITE}{database.resolve()}{sep}{query}"
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""`slamgrid path`: the JSON contract of DESIGN section 4 and one-line errors for user mistakes."""
+"""`slamgrid path`: the JSON contract of DESIGN section 4 and one-line errors for user mistakes; `slamgrid status`
+without the training stack."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from grid.cli import main
 from slam.config import DecoderConfig, DistanceConfig
 from slam.model import load_decoder
 from slam.redundancy import TEXT_TOKEN, text_layer_distances
-from tests.conftest import SENTENCES
+from tests.conftest import REPO, SENTENCES
 
 
 def test_path_writes_the_contract(lm_dir, tmp_path, sentences, capsys):
@@ -111,6 +112,33 @@ def test_console_error_has_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "grid", *argv], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"slamgrid: error: {tmp_path / 'nope'}: no such model directory"
+
+
+def test_status_reads_the_store_without_importing_torch_or_ray(tmp_path):
+    from grid.cells import expand
+    from grid.experiment import load_experiment
+    from grid.tracking import GridStore
+
+    demo = REPO / "experiments" / "demo.yaml"
+    exp = load_experiment(demo)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = GridStore(uri, exp.name)
+    cells = expand(exp)
+    with store.start_cell(cells[0]):
+        pass
+    # `slamgrid status` as the console script runs it, then what it imported.
+    code = (
+        "import sys; from grid.cli import main; code = main(sys.argv[1:]); print(sorted(sys.modules)); sys.exit(code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "status", str(demo), "--tracking-uri", uri], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    *printed, modules = result.stdout.splitlines()
+    assert printed[:3] == [f"demo: {len(cells)} cells", "  FINISHED  1", f"  PENDING   {len(cells) - 1}"]
+    imported = {name.strip("'") for name in modules.strip("[]").split(", ")}
+    assert "grid.status" in imported and "mlflow" in imported
+    assert not imported & {"torch", "ray", "transformers", "grid.runner", "grid.stages"}
 
 
 def _manifest(directory, count, seed):

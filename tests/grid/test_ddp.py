@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from grid.cells import expand
 from grid.experiment import load_experiment
-from grid.runner import RunReport, _Pool, claim_slots, run_experiment
+from grid.runner import RunReport, _Pool, run_experiment
+from grid.schedule import claim_slots
 from grid.stages import MODEL_ARTIFACT, Backbones
 from grid.tracking import GridStore
 from slam.config import DataConfig, SpeechLLMConfig, TrainConfig, from_dict

@@ -25,8 +25,10 @@ from mlflow.tracking import MlflowClient
 from grid.cells import Cell, expand
 from grid.cli import main
 from grid.experiment import load_experiment
-from grid.runner import RunReport, backbone_of, experiment_status, route, run_experiment
+from grid.runner import RunReport, run_experiment
+from grid.schedule import backbone_of, route
 from grid.stages import Backbones
+from grid.status import experiment_status
 from grid.tracking import GridStore
 from slam.config import DecoderConfig, DistanceConfig, EncoderConfig, ProjectorConfig, SpeechLLMConfig
 from slam.metrics import bisect_depth, removable_fraction, within_threshold

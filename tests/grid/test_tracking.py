@@ -10,6 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
+import grid.tracking
 from grid.cells import Cell, cell_id, expand
 from grid.experiment import load_experiment
 from grid.tracking import DEFAULT_TRACKING_URI, TRUNCATED, CellRun, GridStore, tracking_uri
@@ -171,6 +172,35 @@ def test_states_of_unknown_cells_are_pending(uri, demo_cells):
         assert states[cell].status == "PENDING"
         assert states[cell].run_id is None
         assert states[cell].tags == {}
+
+
+def test_states_read_from_the_database_are_those_search_runs_gives(uri, demo_cells, monkeypatch):
+    store = GridStore(uri, "demo")
+    finished, failed, raced, deleted, elsewhere = demo_cells[:5]
+    with store.start_cell(finished) as run:
+        run.log_metrics({"loss": 1.0})
+    with pytest.raises(RuntimeError), store.start_cell(failed):
+        raise RuntimeError("boom")
+    with store.start_cell(raced):
+        pass
+    client = MlflowClient(uri)
+    # A second run of the same cell (as a race between two drivers could leave), still RUNNING.
+    tags = {"cell_id": raced.id, "cell_kind": raced.kind}
+    client.create_run(store.experiment_id, tags=tags, start_time=1)
+    with store.start_cell(deleted) as gone:
+        pass
+    client.delete_run(gone.run_id)
+    with GridStore(uri, "other").start_cell(elsewhere):
+        pass
+    ids = [cell.id for cell in demo_cells[:6]]
+    fast = store.states(ids)  # a few cells: their runs, by id
+    assert {cell: store.states([cell])[cell] for cell in ids} == fast
+    monkeypatch.setattr(grid.tracking, "_FEW_CELLS", 0)
+    assert store.states(ids) == fast  # every cell run of the experiment
+    monkeypatch.setattr(GridStore, "_cell_runs", lambda self, cell_ids: self._search("tags.cell_id LIKE '%'"))
+    assert store.states(ids) == fast
+    assert [fast[i].status for i in ids] == ["FINISHED", "FAILED", "FINISHED", "PENDING", "PENDING", "PENDING"]
+    assert fast[failed.id].error == "RuntimeError: boom" and fast[finished.id].run_id == run.run_id
 
 
 def test_second_store_sees_the_same_runs_and_parent(uri, demo_cells):
