@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from grid.experiment import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
-_NOT_RESULTS = ("wall_seconds", "peak_memory_mb", "_tokens_per_s", "decode_seconds", "encode_seconds")
+_NOT_RESULTS = ("wall_seconds", "peak_memory_mb", "_per_s", "decode_seconds", "encode_seconds")
 """Endings of metrics that differ between two runs of the same cells by nature: time, throughput, memory."""
 _COUNTS = ("features.encoded", "features.cached")
 

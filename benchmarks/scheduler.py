@@ -487,8 +487,13 @@ class SimulatedCluster:
         sizes = [NODE_GPUS] * nodes + ([rest] if rest else [])
         return [{"Alive": True, "Resources": {"GPU": float(n), "CPU": float(8 * n)}} for n in sizes]
 
-    def wait(self, refs: list[_Reference], num_returns: int = 1) -> tuple[list[_Reference], list[_Reference]]:
-        """`ray.wait`: the reference that finishes first; the clock moves to its end (if the driver is not later)."""
+    def wait(
+        self, refs: list[_Reference], num_returns: int = 1, timeout: float | None = None
+    ) -> tuple[list[_Reference], list[_Reference]]:
+        """`ray.wait`: the reference that finishes first; the clock moves to its end (if the driver is not later).
+
+        The virtual clock jumps to that end, so no `timeout` passes before it.
+        """
         clock, cpu = self.time(), time.process_time()
         end, _, ref = heapq.heappop(self._pending)
         rest = [other for other in refs if other is not ref]

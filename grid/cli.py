@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+_HANDLER = "slamgrid-stderr"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,18 +86,11 @@ def cmd_path(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`slamgrid run`: run (or resume) every cell of an experiment; exit 1 unless all of them finished."""
-    import logging
-
+    from grid.progress import resolve_mode
     from grid.runner import run_experiment
 
-    # Progress, one line per cell, on stderr; the final table goes to stdout.
-    for name in ("grid.runner", "grid.lease"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("slamgrid: %(message)s"))
-            logger.addHandler(handler)
-    logging.getLogger("grid.runner").setLevel(logging.INFO)
+    mode = resolve_mode(args.progress)
+    _log_to_stderr(mode)
     # A scheduler's (or `kill`'s) SIGTERM stops the grid as Ctrl-C does: running cells KILLED, resumable.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -108,6 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ray_address=args.address,
             dashboard_host=args.dashboard_host,
             feature_cache=_feature_cache(args.feature_cache),
+            progress=mode,
             **({"backbones_per_worker": args.backbones_per_worker} if args.backbones_per_worker else {}),
             **({"retries": args.retries} if args.retries is not None else {}),
         )
@@ -148,6 +143,33 @@ def cmd_summarize(args: argparse.Namespace) -> int:
         print(f"\nlogged to the parent run of experiment {summary.experiment!r} under {REPORT_DIR}/ ({logged})")
     _print_ui_hint(args.tracking_uri, summary.experiment)
     return 0
+
+
+def _log_to_stderr(mode: str) -> None:
+    """The runner's lines (a cell started, finished, failed; progress) on stderr; the final table goes to stdout.
+
+    A live display (`rich`) prints them above itself, through its console; otherwise each is a `slamgrid:` line.
+    The handler is replaced, not added again, when `run` is called more than once in a process.
+    """
+    import logging
+
+    if mode == "rich":
+        from rich.logging import RichHandler
+
+        from grid.progress import shared_console
+
+        handler: logging.Handler = RichHandler(console=shared_console(), show_path=False, markup=False)
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("slamgrid: %(message)s"))
+    handler.set_name(_HANDLER)
+    for name in ("grid.runner", "grid.lease", "grid.progress"):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if h.get_name() == _HANDLER]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+    for name in ("grid.runner", "grid.progress"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -209,6 +231,13 @@ def _parser() -> argparse.ArgumentParser:
         "--backbones-per-worker",
         type=_positive_int,
         help="decoders a worker keeps loaded, least recently used dropped first (default: 2)",
+    )
+    run.add_argument(
+        "--progress",
+        metavar="auto|rich|plain|off",
+        default="auto",
+        help="how progress is shown: rich (a live display of the grid and each training), plain (log lines, "
+        "every 30 s while something changes), off; auto (default): rich on a terminal, else plain",
     )
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="cells of an experiment file per state, from the MLflow store")

@@ -70,6 +70,7 @@ from grid.cells import Cell, expand
 from grid.errors import GridError
 from grid.experiment import load_experiment, missing_paths, resolve_paths
 from grid.lease import DriverLease, stop_processes, this_process_children
+from grid.progress import GridProgress, make_progress
 from grid.schedule import ReadyQueue, claim_slots, route, train_workers
 from grid.stages import Backbones, log_encoder_use, run_cell, train_speech_llm
 from grid.status import (
@@ -227,6 +228,8 @@ def run_experiment(
     retries: int = DEFAULT_RETRIES,
     dashboard_host: str = LOOPBACK,
     feature_cache: str | Path | bool = True,
+    progress: str = "plain",
+    progress_interval: float | None = None,
 ) -> RunReport:
     """Run (or resume) every cell of an experiment file on Ray, tracked in MLflow.
 
@@ -248,6 +251,10 @@ def run_experiment(
         feature_cache: Where frozen-encoder outputs are kept and reused (`slam.features`): True for
             `workdir/features`, a directory (on a cluster, one every node sees, or the same path on each node),
             or False to encode every utterance in every cell. Results are the same either way.
+        progress: How the grid's progress is shown while it runs (`grid.progress.MODES`): `plain` log lines
+            (logger `grid.progress`), a `rich` live display on stderr, `off`, or `auto` (rich on a terminal).
+        progress_interval: Seconds between two reads of the running trainings' progress from the store (and two
+            plain lines); None: the display's default.
 
     Returns:
         The report: every cell's state from the store, cells started, backbone loads.
@@ -313,8 +320,10 @@ def run_experiment(
                 lease.record_ray_processes(this_process_children())
             try:
                 root = _worker_root(exp.root)
+                display = make_progress(progress, store, progress_interval)
+                display.add(todo, finished=[cell for cell in cells if cell.id in done])
                 pool = _Pool(
-                    store, cell_root, root, todo, num_workers, use_gpu, backbones_per_worker, retries, features
+                    store, cell_root, root, todo, num_workers, use_gpu, backbones_per_worker, retries, features, display
                 )
                 tried: set[str] = set()
                 try:
@@ -323,8 +332,10 @@ def run_experiment(
                         started += pool.run(todo, done)
                         cells = expand(exp, store.results()) if searches(exp) else cells
                         todo = [cell for cell in cells if cell.id not in done and cell.id not in tried]
+                        display.add(todo)
                 finally:
                     pool.close()
+                    display.close()
                 worker_loads = pool.loads
             finally:
                 if owns_ray:
@@ -386,6 +397,7 @@ class _Pool:
         backbones_per_worker: int | None = DEFAULT_BACKBONES_PER_WORKER,
         retries: int = DEFAULT_RETRIES,
         feature_cache: str | None = None,
+        progress: GridProgress | None = None,
     ) -> None:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         gpus = int(sum(node.get("GPU", 0) for node in nodes))
@@ -427,6 +439,7 @@ class _Pool:
         self.deaths: Counter[str] = Counter()
         """Processes died under each cell in this call."""
         self.inflight: dict[ray.ObjectRef, _Job] = {}
+        self.progress = progress or GridProgress()
         log.info("%d %s slot(s)", self.size, self.unit)
 
     def run(self, todo: list[Cell], done: dict[str, str]) -> int:
@@ -467,6 +480,7 @@ class _Pool:
                 reason = self._too_wide(train_workers(cell))
                 _record_failure(self.store, cell, reason)
                 log.info("%s %s failed: %s", cell.kind, cell.id, reason)
+                self.progress.blocked([cell])
                 self._block(queue, cell.id)
             for cell in ddp:
                 slots = claim_slots(free, self.held, train_workers(cell))
@@ -488,6 +502,7 @@ class _Pool:
                 queue.take(cell)
                 started += 1
                 log.info("%s %s started: DDP in %d processes on slots %s", cell.kind, cell.id, len(slots), slots)
+                self.progress.started(cell)
             for cell, slot in route(singles, free, self.held):
                 worker = self.workers[slot] if slot in self.workers else self._start(slot)
                 ref = worker.run.remote(cell, {dep: done[dep] for dep in cell.deps})
@@ -495,6 +510,7 @@ class _Pool:
                 queue.take(cell)
                 started += 1
                 log.info("%s %s started on %s", cell.kind, cell.id, self.names[slot])
+                self.progress.started(cell)
             if too_wide:
                 continue  # the cells after them may fit now
             if not inflight:
@@ -502,25 +518,38 @@ class _Pool:
                 if waiting:
                     raise RuntimeError(f"cells {[c.id for c in waiting]} wait on dependencies outside the grid")
                 break
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            ref = self._wait()
             job = inflight.pop(ref)
             error = self._collect(ref, job, done)
             seconds = time.monotonic() - job.began
             if error is None:
                 log.info("%s %s finished (%.1f s)", job.cell.kind, job.cell.id, seconds)
                 queue.finished(job.cell.id)
+                self.progress.ended(job.cell, finished=True)
             elif error is _RETRY:
                 queue.again(job.cell)
+                self.progress.retried(job.cell)
             else:
                 log.info("%s %s failed (%.1f s): %s", job.cell.kind, job.cell.id, seconds, error)
+                self.progress.ended(job.cell, finished=False)
                 self._block(queue, job.cell.id)
+            self.progress.poll()
         return started
 
-    @staticmethod
-    def _block(queue: ReadyQueue, cell_id: str) -> None:
+    def _wait(self) -> ray.ObjectRef:
+        """The first cell in flight to end; the progress display is kept up to date meanwhile."""
+        while True:
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=self.progress.interval)
+            if ready:
+                return ready[0]
+            self.progress.poll()
+
+    def _block(self, queue: ReadyQueue, cell_id: str) -> None:
         """Take a cell that did not finish, and every cell depending on it, out of `queue`, saying why."""
-        for cell, bad in queue.block(cell_id):
+        blocked = queue.block(cell_id)
+        for cell, bad in blocked:
             log.info("%s %s blocked: dependency %s did not finish", cell.kind, cell.id, bad)
+        self.progress.blocked([cell for cell, _ in blocked])
 
     def _interrupt(self) -> None:
         """Stop every cell in flight and mark its run KILLED (a rerun continues it from its checkpoints)."""

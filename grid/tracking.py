@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -264,6 +264,10 @@ class GridStore:
         self.client.log_text(parent, _json(table), f"summaries/{name}.json")
         for figure_name, figure in (figures or {}).items():
             self.client.log_figure(parent, figure, f"summaries/{name}/{figure_name}.png")
+
+    def run_ids(self, cell_ids: Sequence[str]) -> dict[str, str]:
+        """Cell id -> the run standing for it (`states`), for the cells that have a run."""
+        return {cell: state.run_id for cell, state in self.states(cell_ids).items() if state.run_id is not None}
 
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each metric of a run."""

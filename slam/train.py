@@ -29,6 +29,7 @@ import pickle
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,9 @@ def train(
         cfg: Steps, batch size (per process), optimiser, schedule, seed, checkpoint and logging intervals, task.
         out_dir: Directory for `checkpoints/` (under DDP only rank 0 reads and writes it; the other ranks get what
             it read); None trains without checkpoints.
-        tracker: Receives `train.loss` (mean over the last `cfg.log_every` steps) and `train.lr`; only on rank 0.
+        tracker: Receives, every `cfg.log_every` steps and only on rank 0, `train.loss` (the mean over those steps),
+            `train.lr`, `train.step` (the step, so that a progress display reads it as a value) and
+            `train.steps_per_s` (over those steps, as the clock on this process measured them).
         stop_after: Stop after this step without a checkpoint (simulates an interruption); None runs to `cfg.steps`.
 
     Returns:
@@ -149,6 +152,7 @@ def train(
     mine = slice(group.rank * cfg.batch_size, (group.rank + 1) * cfg.batch_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    since = time.monotonic()
     try:
         for step in range(resumed_from + 1, last + 1):
             lr = lr_at(step, cfg)
@@ -170,7 +174,16 @@ def train(
             optimizer.step()
             losses.append(value)
             if step % cfg.log_every == 0:
-                tracker.log_metrics({"train.loss": float(np.mean(losses[-cfg.log_every :])), "train.lr": lr}, step=step)
+                now = time.monotonic()
+                logged = min(cfg.log_every, step - resumed_from)  # the first log after a resume spans fewer steps
+                metrics = {
+                    "train.loss": float(np.mean(losses[-cfg.log_every :])),
+                    "train.lr": lr,
+                    "train.step": float(step),
+                    "train.steps_per_s": logged / max(now - since, 1e-9),
+                }
+                tracker.log_metrics(metrics, step=step)
+                since = now
             if ckpt_root is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 skipped = _skipped(samples, skipped, group)
                 checkpoint = _save_checkpoint(ckpt_root, step, params, optimizer, cfg, losses, skipped, group)

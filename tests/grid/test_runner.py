@@ -8,6 +8,7 @@ logical GPUs serve the whole module; the grid's cells run for real, only their s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -35,7 +36,7 @@ from slam.metrics import bisect_depth, removable_fraction, within_threshold
 from slam.model import load_decoder
 from slam.redundancy import SPEECH_TOKEN, TEXT_TOKEN, text_layer_distances
 from slam.tiny import build_tiny_lm
-from tests.grid.world import FEATURE_COUNTS, LAYERS, TEXTS, build_world, cell_runs, repeatable, write_experiment
+from tests.grid.world import FEATURE_COUNTS, LAYERS, TEXTS, TRAIN, build_world, cell_runs, repeatable, write_experiment
 
 STUDIES = [
     {"name": "asr", "task": "asr", "models": ["tiny"], "paths": [{"source": "speech"}], "depths": [2],
@@ -410,3 +411,26 @@ def test_a_bisect_study_runs_the_cells_its_search_asks_for_in_waves_and_decides(
     assert fraction == (0.0 if answer is None else (answer - 1) / LAYERS) or base["test"] == 0
     # Run again: everything is finished, the search asks for nothing new.
     assert run_experiment(path, tracking_uri=uri, workdir=world / "out").started == 0
+
+
+def test_progress_lines_follow_a_training_step_by_step_as_its_run_records_it(world, ray_cluster, caplog):
+    uri = f"sqlite:///{world}/mlflow.db"
+    study = {"name": "progress", "task": "asr", "models": ["tiny"], "paths": [{"source": "speech"}], "depths": []}
+    train = {**TRAIN, "steps": 60, "log_every": 4, "checkpoint_every": 60}
+    path = write_experiment(world, "progress", [study], defaults={"train": train})
+    with caplog.at_level(logging.INFO, logger="grid.progress"):
+        report = run_experiment(path, tracking_uri=uri, workdir=world / "out", progress="plain", progress_interval=0.05)
+    assert report.counts == {"FINISHED": 3}  # train, path, summary
+    lines = [record.getMessage() for record in caplog.records if record.name == "grid.progress"]
+    run = next(run for run in cell_runs(uri, "progress") if run.data.tags["cell_kind"] == "train")
+    losses = {m.step: m.value for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train.loss")}
+    prefix = f"train {run.data.tags['cell_id'][:8]} tiny/asr: step "
+    seen = []
+    for line in lines:
+        if line.startswith(prefix):
+            step = int(line.removeprefix(prefix).split("/")[0])
+            assert line.startswith(f"{prefix}{step}/60 ({100 * step / 60:.0f}%), loss {losses[step]:.4f}, "), line
+            seen.append(step)
+    # Read while it trained: several steps, each one the run had recorded, in order.
+    assert len(seen) >= 2 and seen == sorted(set(seen)) and all(step % 4 == 0 for step in seen), lines
+    assert lines[-1].startswith("progress: 3/3 finished, 0 running; "), lines

@@ -27,7 +27,7 @@ TEXTS = ["the river ran cold", "she opened the window", "a small boat", "seven b
 DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo"
 """The shipped demo world."""
 LAYERS = 4
-UNREPEATABLE = ("wall_seconds", "peak_memory_mb", "_tokens_per_s", "decode_seconds", "encode_seconds")
+UNREPEATABLE = ("wall_seconds", "peak_memory_mb", "_per_s", "decode_seconds", "encode_seconds")
 """Endings of the metrics that differ between two runs of the same cells by nature: time, throughput, memory."""
 FEATURE_COUNTS = ("features.encoded", "features.cached")
 """What a cell's encoding cost (`grid.stages.log_encoder_use`): depends on what the feature cache held, not results."""

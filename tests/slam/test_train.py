@@ -233,6 +233,8 @@ def test_checkpoints_are_named_by_step_and_only_the_last_two_are_kept(build, sam
     for metrics, step in tracker.calls:
         assert metrics["train.loss"] == pytest.approx(np.mean(result.losses[step - 2 : step]))
         assert metrics["train.lr"] == lr_at(step, cfg)
+        assert metrics["train.step"] == step
+        assert metrics["train.steps_per_s"] > 0
     assert latest_checkpoint(tmp_path / "empty") is None
 
 
