@@ -124,6 +124,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if report.status.all_finished else 1
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """`slamgrid plan`: the cells of an experiment, those finished, and the slot-hours left; runs nothing."""
+    from grid.plan import plan_experiment
+
+    print(plan_experiment(args.experiment, args.tracking_uri, args.timings, args.measure).text())
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """`slamgrid status`: cells per state, read from the store, and why cells failed or are blocked."""
     from grid.status import experiment_status
@@ -240,6 +248,25 @@ def _parser() -> argparse.ArgumentParser:
         "every 30 s while something changes), off; auto (default): rich on a terminal, else plain",
     )
     run.set_defaults(func=cmd_run)
+    plan = sub.add_parser(
+        "plan", help="cells of an experiment file by kind and model, those finished, and the slot-hours left"
+    )
+    plan.add_argument("experiment", help="experiment file (YAML)")
+    plan.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    plan.add_argument(
+        "--timings",
+        metavar="FILE",
+        help="YAML of timings per decoder (step_s, batch_size, utterance_s, forward_s, encoder_s), used first",
+    )
+    plan.add_argument(
+        "--measure",
+        action="store_true",
+        help="measure the timings of models in local directories on this machine (default: derive them from "
+        "model sizes, for an H100)",
+    )
+    plan.set_defaults(func=cmd_plan)
     status = sub.add_parser("status", help="cells of an experiment file per state, from the MLflow store")
     status.add_argument("experiment", help="experiment file (YAML)")
     status.add_argument(
