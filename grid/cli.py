@@ -57,7 +57,7 @@ def cmd_path(args: argparse.Namespace) -> int:
 
     from slam.config import DecoderConfig, DistanceConfig
     from slam.model import load_decoder, load_speech_llm
-    from slam.redundancy import path_report, speech_layer_distances, text_layer_distances
+    from slam.redundancy import path_report, path_table, speech_layer_distances, text_layer_distances
 
     hf_logging.disable_progress_bar()
     cfg = DistanceConfig(batch_size=args.batch_size, max_samples=args.max_samples, max_length=args.max_length)
@@ -81,6 +81,7 @@ def cmd_path(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"{args.model}: {result.n_layers} layers, {result.num_samples} samples, {args.convention} path -> {out}")
+    print(path_table(report))
     return 0
 
 

@@ -323,7 +323,7 @@ def derived_timing(speech_llm: Mapping[str, Any], batch_size: int, decode_batch:
     encoder_parameters, frames = _encoder_size(speech_llm["encoder"]["name"], root)
     encoder = 2 * encoder_parameters * frames * SPEECH_SECONDS / flops
     how = (
-        f"derived for an H100 from {computing / 1e9:.3g}e9 decoder parameters computing per token "
+        f"derived for an H100 from {_count(computing)} decoder parameters computing per token "
         f"({UTILISATION:.0%} of the bf16 peak, {BANDWIDTH_USE:.0%} of HBM bandwidth, {SPEECH_SECONDS} s utterances)"
     )
     return Timing(step, batch_size, utterance, forward, encoder, how)
@@ -553,6 +553,10 @@ def _bounded(exp: Experiment, results: Mapping[str, Mapping[str, float]]) -> tup
         bounded.add((group[0].tags.get("model", ""), "prune"))
     order = {cell.id: i for i, cell in enumerate(cells)}
     return sorted(keep, key=lambda cell: order[cell.id]), bounded
+
+
+def _count(parameters: float) -> str:
+    return f"{parameters / 1e9:.3g}e9" if parameters >= 1e8 else f"{parameters:,.0f}"
 
 
 def _hours(hours: float) -> str:

@@ -33,6 +33,7 @@ from torch import nn
 
 from slam.config import DistanceConfig, depth_range
 from slam.errors import BadInputError
+from slam.metrics import format_percent
 from slam.model import DecoderInputs, SpeechLLM, decoder_stack, position_ids_from_mask
 
 TEXT_TOKEN = "the last token of the text, tokenised with the model's default special tokens"
@@ -235,6 +236,31 @@ def path_report(model: str, result: DistanceResult, source: str, convention: str
     }
 
 
+def path_table(report: dict) -> str:
+    """A path report (`path_report`) as the answer a person reads: per fraction, the block to drop and its distance.
+
+    Args:
+        report: A `path_report`.
+
+    Returns:
+        Aligned text, one row per block size n: the fraction of layers removed (a percentage, rounded as the
+        paper's tables), n, the first layer l of the block, the layers removed (1-based), and D[l][l+n].
+    """
+    header = ["drop %", "n", "block l", "layers removed", "distance"]
+    rows = [
+        [
+            format_percent(step["fraction"]),
+            str(step["n"]),
+            str(step["start"]),
+            _layer_span(step["removed"]),
+            f"{step['distance']:.4f}",
+        ]
+        for step in report["path"]
+    ]
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(widths[i]) for i, cell in enumerate(line)) for line in [header, *rows])
+
+
 def path_agreement(a: dict, b: dict) -> dict:
     """How two path reports (`path_report`) of one decoder agree: paper Figure 1 (a) vs (b).
 
@@ -361,3 +387,8 @@ def _batch_distances(decoder: nn.Module, batch: DecoderInputs) -> torch.Tensor:
         for handle in handles:
             handle.remove()
     return angular_distance_matrix(torch.stack(states, dim=1)).cpu()  # (B, m+1, m+1)
+
+
+def _layer_span(layers: list[int]) -> str:
+    """`5` or `4-7`: a run of consecutive 1-based layer numbers."""
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"

@@ -14,6 +14,7 @@ import pytest
 
 from grid.cli import main
 from slam.config import DecoderConfig, DistanceConfig
+from slam.metrics import format_percent
 from slam.model import load_decoder
 from slam.redundancy import TEXT_TOKEN, text_layer_distances
 from tests.conftest import REPO, SENTENCES
@@ -43,7 +44,16 @@ def test_path_writes_the_contract(lm_dir, tmp_path, sentences, capsys):
         assert step["distance"] == distance[step["start"], step["start"] + step["n"]]
         candidates = [distance[layer, layer + step["n"]] for layer in range(1, m - step["n"] + 1)]
         assert step["distance"] == min(candidates)
-    assert str(out) in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert str(out) in lines[0]
+    # The human answer: per fraction, the block to drop and its distance.
+    assert lines[1].split() == ["drop", "%", "n", "block", "l", "layers", "removed", "distance"]
+    assert len(lines) == 2 + len(report["path"])
+    for line, step in zip(lines[2:], report["path"]):
+        removed = step["removed"]
+        span = str(removed[0]) if len(removed) == 1 else f"{removed[0]}-{removed[-1]}"
+        expected = [format_percent(step["fraction"]), str(step["n"]), str(step["start"]), span]
+        assert line.split() == [*expected, f"{step['distance']:.4f}"]
 
 
 def test_path_convention_gromov_removes_the_n_layers_of_each_block(qwen_dir, tmp_path):
