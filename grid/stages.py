@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -303,21 +304,36 @@ def distance_heatmap(distance: np.ndarray, path: Iterable[PathStep] = ()) -> Fig
     return figure
 
 
-def draw_distance_heatmap(axes: Axes, distance: np.ndarray, path: Iterable[PathStep | dict] = ()) -> None:
-    """Draw D[l][l+n] (layer l on x, block size n on y) with its colour bar on `axes`.
+def draw_distance_heatmap(
+    axes: Axes,
+    distance: np.ndarray,
+    path: Iterable[PathStep | dict] = (),
+    vmin: float = 0.0,
+    vmax: float | None = None,
+    colorbar: bool = True,
+) -> AxesImage:
+    """Draw D[l][l+n] (layer l on x, block size n on y), with its colour bar unless told not to, on `axes`.
 
     Args:
         axes: Where to draw.
         distance: (m+1, m+1) mean angular distances over h_0..h_m.
         path: Optimal pruning path steps to mark (l*(n), n): `PathStep`s or their `to_dict()` form.
+        vmin: The distance at the bottom of the colour scale.
+        vmax: The distance at its top; None: the largest drawn.
+        colorbar: Draw the colour bar beside `axes`; False when several panels share one scale and one bar.
+
+    Returns:
+        The image, for a colour bar shared with other panels.
     """
     m = distance.shape[0] - 1
     grid = np.full((m, m), np.nan)  # (n - 1, l): row n-1 holds D[l][l+n] for l = 0..m-n
     for n in range(1, m + 1):
         for layer in range(0, m - n + 1):
             grid[n - 1, layer] = distance[layer, layer + n]
-    image = axes.imshow(grid, origin="lower", cmap="viridis", vmin=0.0, extent=(-0.5, m - 0.5, 0.5, m + 0.5))
-    axes.figure.colorbar(image, ax=axes, label="angular distance $d(h_l, h_{l+n})$")
+    extent = (-0.5, m - 0.5, 0.5, m + 0.5)
+    image = axes.imshow(grid, origin="lower", cmap="viridis", vmin=vmin, vmax=vmax, extent=extent)
+    if colorbar:
+        axes.figure.colorbar(image, ax=axes, label="angular distance $d(h_l, h_{l+n})$")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     steps = [step.to_dict() if isinstance(step, PathStep) else step for step in path]
@@ -326,6 +342,7 @@ def draw_distance_heatmap(axes: Axes, distance: np.ndarray, path: Iterable[PathS
         axes.legend(loc="upper right")
     axes.set_xlabel("layer l")
     axes.set_ylabel("block size n")
+    return image
 
 
 def metric_key(*parts: str) -> str:

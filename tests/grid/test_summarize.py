@@ -8,7 +8,10 @@ are then checked against the slam functions applied to what the cells logged (th
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,10 @@ from tests.grid.world import shrunk_demo, slamgrid_run
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "experiments" / "demo.yaml"
+# What the demo's summary writes: both tables as text, CSV and Markdown, the paths, the JSON and every figure.
+REPORT_FILES = [f"table{i}.{ext}" for i in (1, 2) for ext in ("txt", "csv", "md")] + [
+    "paths.txt", "summary.json", "figure1.png", "figure2.png", "figure2_bleu.png"
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +117,14 @@ def test_summarize_logs_tables_and_figures_to_the_parent_run(demo_run, capsys):
     parent = store.parent_run()
     client = MlflowClient(uri)
     logged = {a.path for a in client.list_artifacts(parent, REPORT_DIR)}
-    assert logged == {
-        f"{REPORT_DIR}/{name}"
-        for name in (
-            "table1.txt", "table2.txt", "paths.txt", "summary.json", "figure1.png", "figure2.png", "figure2_bleu.png"
-        )
-    }  # fmt: skip
+    assert logged == {f"{REPORT_DIR}/{name}" for name in REPORT_FILES}
     saved = store.load_json_artifact(parent, f"{REPORT_DIR}/summary.json")
     assert saved["table1"] in out and saved["table2"] in out and saved["paths_text"] in out
-    # Figure 1 has one panel per path cell: speech (asr), speech (ast), text (asr), text (asr) in gromov's convention.
+    table1_csv = list(csv.reader(io.StringIO(_logged_text(client, parent, "table1.csv"))))
+    assert table1_csv[0] == ["block", "model", "path", "healing", "drop %", "test"]
+    assert {row[0] for row in table1_csv} == {"block", "asr", "asr-text-path"}
+    assert _logged_text(client, parent, "table2.md").startswith("### Table 2, study ast, tiny-qwen, healing ")
+    # The path cells: speech (asr), speech (ast), text (asr), text (asr) in gromov's convention.
     assert [(p["source"], p["task"], p["convention"]) for p in saved["paths"]] == [
         ("speech", "asr", "paper"),
         ("speech", "ast", "paper"),
@@ -146,6 +152,25 @@ def test_summarize_logs_tables_and_figures_to_the_parent_run(demo_run, capsys):
     for report in saved["paths"]:
         distance = np.array(report["distance"])
         assert distance.shape == (9, 9) and np.all(np.diag(distance) == 0)
+    # Figure 1 draws that pair side by side on one scale, and the speech (ast) and gromov paths alone.
+    figure = summarize(path, tracking_uri=uri, log=False).figures["figure1"]
+    pair, alone = figure.subfigs
+    assert pair.get_suptitle() == f"tiny-qwen: mean |D_text − D_speech| = {agreement['mean_abs_diff']:.4f}"
+    panels = [ax for ax in pair.axes if ax.images]
+    assert [ax.get_title().split("\n")[1].split(",")[0] for ax in panels] == ["text-derived", "speech-derived"]
+    assert panels[0].images[0].get_clim() == panels[1].images[0].get_clim()
+    assert len([ax for ax in alone.axes if ax.images]) == 2
+
+
+def test_summarize_writes_the_files_it_logs_to_the_out_folder(demo_run, tmp_path):
+    path, uri, _ = demo_run
+    summary = summarize(path, tracking_uri=uri, out=tmp_path / "report")
+    assert sorted(file.name for file in (tmp_path / "report").iterdir()) == sorted(REPORT_FILES)
+    assert (tmp_path / "report" / "table1.txt").read_text(encoding="utf-8") == summary.table1 + "\n"
+    client = MlflowClient(uri)
+    parent = GridStore(uri, "demo").parent_run()
+    for name in ("table1.csv", "table2.md", "paths.txt"):
+        assert (tmp_path / "report" / name).read_text(encoding="utf-8") == _logged_text(client, parent, name)
 
 
 def test_a_partial_grid_is_summarised_from_its_finished_cells(demo_run):
@@ -198,6 +223,12 @@ def test_summarize_without_a_run_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("slamgrid: error: ") and "has no experiment 'demo'" in err
     assert not (tmp_path / "none.db").exists()
+
+
+def _logged_text(client: MlflowClient, run_id: str, name: str) -> str:
+    """A file the summary logged on the parent run under `report/`."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return Path(client.download_artifacts(run_id, f"{REPORT_DIR}/{name}", scratch)).read_text(encoding="utf-8")
 
 
 def _runs(uri: str):
