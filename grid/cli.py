@@ -145,11 +145,13 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     """`slamgrid summarize`: Table 1, Table 2, Figures 1 and 2 from the MLflow store, logged to the parent run."""
     from grid.summarize import REPORT_DIR, summarize
 
-    summary = summarize(args.experiment, tracking_uri=args.tracking_uri, log=not args.no_log)
+    summary = summarize(args.experiment, tracking_uri=args.tracking_uri, log=not args.no_log, out=args.out)
     print(summary.text())
+    figures = ", ".join(f"{name}.png" for name in summary.figures) or "no figure yet"
+    if args.out:
+        print(f"\nwritten to {args.out}/: tables as .txt, .csv and .md, summary.json, {figures}")
     if not args.no_log:
-        logged = ", ".join(f"{name}.png" for name in summary.figures) or "no figure yet"
-        print(f"\nlogged to the parent run of experiment {summary.experiment!r} under {REPORT_DIR}/ ({logged})")
+        print(f"\nlogged to the parent run of experiment {summary.experiment!r} under {REPORT_DIR}/ ({figures})")
     _print_ui_hint(args.tracking_uri, summary.experiment)
     return 0
 
@@ -283,6 +285,11 @@ def _parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
     )
     summary.add_argument("--no-log", action="store_true", help="print only; log nothing to the parent run")
+    summary.add_argument(
+        "--out",
+        metavar="DIR",
+        help="also write the tables (.txt, .csv, .md), summary.json and the figures (.png) into DIR",
+    )
     summary.set_defaults(func=cmd_summarize)
     path = sub.add_parser("path", help="distance matrix and optimal pruning path of an LLM from text")
     path.add_argument(

@@ -439,6 +439,12 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
     }
 
 
+def path_cell_label(path: Mapping[str, str]) -> str:
+    """`{source}-{task}` of a path cell, plus `-gromov` in Gromov et al.'s convention (how summaries name paths)."""
+    label = f"{path['source']}-{path['task']}"
+    return label if path["convention"] == "paper" else f"{label}-{path['convention']}"
+
+
 def path_comparisons(paths: list[dict[str, Any]], reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Paper Figure 1 (a) vs (b): every text path against every speech path of the same model and convention.
 
@@ -462,8 +468,8 @@ def path_comparisons(paths: list[dict[str, Any]], reports: list[dict[str, Any]])
             comparisons.append(
                 {
                     "model": text["model"],
-                    "text": _report_label(text),
-                    "speech": _report_label(speech),
+                    "text": path_cell_label(text),
+                    "speech": path_cell_label(speech),
                     "convention": text["convention"],
                     **path_agreement(text_report, speech_report),
                 }
@@ -696,12 +702,6 @@ def _log_training(run: CellRun, result: TrainResult) -> None:
         run.log_json("train_skipped.json", [list(item) for item in result.skipped])
     if result.unreadable:
         run.set_tags({"train.unreadable_checkpoints": " ".join(str(path) for path in result.unreadable)})
-
-
-def _report_label(path: Mapping[str, str]) -> str:
-    """`{source}-{task}` of a path cell, plus `-gromov` in Gromov et al.'s convention."""
-    label = f"{path['source']}-{path['task']}"
-    return label if path["convention"] == "paper" else f"{label}-{path['convention']}"
 
 
 def _path_label(tags: Mapping[str, str]) -> str:

@@ -46,7 +46,7 @@ from matplotlib.figure import Figure
 
 from grid.cells import Cell, expand
 from grid.experiment import load_experiment
-from grid.stages import DISTANCE_ARTIFACT, _report_label, draw_distance_heatmap, study_table
+from grid.stages import DISTANCE_ARTIFACT, draw_distance_heatmap, path_cell_label, study_table
 from grid.tracking import GridStore, store_has_experiment
 from grid.tracking import tracking_uri as resolve_tracking_uri
 from slam.metrics import BLEU_THRESHOLD, WER_THRESHOLD, format_percent
@@ -589,7 +589,7 @@ def _path_pairs(
     reports = {report["cell_id"]: report for report in paths}
     seen, pairs = set(), []
     for study in studies:
-        cells = {(path["model"], _report_label(path)): path["cell_id"] for path in study.get("paths", [])}
+        cells = {(path["model"], path_cell_label(path)): path["cell_id"] for path in study.get("paths", [])}
         for pair in study.get("agreement", []):
             key = (cells.get((pair["model"], pair["text"])), cells.get((pair["model"], pair["speech"])))
             if key in seen or not all(cell in reports for cell in key):

@@ -162,9 +162,11 @@ def test_summarize_logs_tables_and_figures_to_the_parent_run(demo_run, capsys):
     assert len([ax for ax in alone.axes if ax.images]) == 2
 
 
-def test_summarize_writes_the_files_it_logs_to_the_out_folder(demo_run, tmp_path):
+def test_summarize_writes_the_files_it_logs_to_the_out_folder(demo_run, tmp_path, capsys):
     path, uri, _ = demo_run
-    summary = summarize(path, tracking_uri=uri, out=tmp_path / "report")
+    assert main(["summarize", str(path), "--tracking-uri", uri, "--out", str(tmp_path / "report")]) == 0
+    assert f"written to {tmp_path / 'report'}/: tables as .txt, .csv and .md" in capsys.readouterr().out
+    summary = summarize(path, tracking_uri=uri, log=False)
     assert sorted(file.name for file in (tmp_path / "report").iterdir()) == sorted(REPORT_FILES)
     assert (tmp_path / "report" / "table1.txt").read_text(encoding="utf-8") == summary.table1 + "\n"
     client = MlflowClient(uri)
