@@ -125,6 +125,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if report.status.all_finished else 1
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """`slamgrid export`: finished prune cells' pruned and healed models as files to deploy."""
+    from transformers.utils import logging as hf_logging
+
+    from grid.export import export_cells
+
+    hf_logging.disable_progress_bar()
+    cells = [args.cell] if args.cell else args.cells
+    out = export_cells(args.experiment, cells, args.out, tracking_uri=args.tracking_uri, device=args.device)
+    if len(cells) == 1:
+        print(
+            f"exported cell {cells[0]} to {out}: decoder/ (plain transformers: AutoModelForCausalLM.from_pretrained"
+            f"('{out}/decoder')), the whole SpeechLLM: slam.model.load_speech_llm('{out}')"
+        )
+    else:
+        print(
+            f"exported {len(cells)} cells on one backbone to {out}: decoder/ once, tasks/NAME/ per task; serve them "
+            f"with slam.export.SharedBackbone('{out}').model(task)"
+        )
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """`slamgrid plan`: the cells of an experiment, those finished, and the slot-hours left; runs nothing."""
     from grid.plan import plan_experiment
@@ -291,6 +313,23 @@ def _parser() -> argparse.ArgumentParser:
         help="also write the tables (.txt, .csv, .md), summary.json and the figures (.png) into DIR",
     )
     summary.set_defaults(func=cmd_summarize)
+    export = sub.add_parser(
+        "export",
+        help="write finished prune cells' pruned (and healed) models: one as a Hugging Face decoder plus projector, "
+        "several tasks as one shared backbone with a projector and adapter each",
+    )
+    export.add_argument("experiment", help="experiment file (YAML)")
+    chosen = export.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--cell", help="the prune cell to export (its id, or a unique prefix, as `status` prints)")
+    chosen.add_argument(
+        "--cells", nargs="+", metavar="ID", help="prune cells of different tasks that remove the same layers"
+    )
+    export.add_argument("--out", required=True, help="new (or empty) directory to write")
+    export.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    export.add_argument("--device", default="cpu", help="where the models are rebuilt: cpu (default), cuda, cuda:N")
+    export.set_defaults(func=cmd_export)
     path = sub.add_parser("path", help="distance matrix and optimal pruning path of an LLM from text")
     path.add_argument(
         "--model", required=True, help="causal LM (hub id or directory) with --text; a saved SpeechLLM with --speech"

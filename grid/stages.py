@@ -68,6 +68,7 @@ from slam.config import (
 from slam.data import load_dataset
 from slam.errors import BadInputError
 from slam.evaluate import evaluate
+from slam.export import save_healed
 from slam.features import FeatureCache
 from slam.healing import add_healing
 from slam.metrics import BLEU_THRESHOLD, WER_THRESHOLD, relative_change, removable_fraction, set_scores
@@ -95,6 +96,8 @@ HEATMAP_ARTIFACT = "heatmap.png"
 """Artifact of a `path` cell: D[l][l+n] over layer l and block size n."""
 SUMMARY_ARTIFACT = "summary.json"
 """Artifact of a `summary` cell: its study's table (also `summaries/{study}.json` on the parent run)."""
+HEALED_ARTIFACT = "healed"
+"""Artifact directory of a healed prune cell: what healing trained (`slam.export.save_healed`)."""
 _THRESHOLDS = {"wer": WER_THRESHOLD, "bleu": BLEU_THRESHOLD}
 # MLflow metric keys allow letters, digits and `_ - . / : space`; model and strategy names may hold more (`+`).
 _METRIC_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -224,9 +227,10 @@ def run_cell(
     if missing:
         raise ValueError(f"cell {cell.id} ({cell.kind}): no finished run given for dependencies {missing}")
     workdir.mkdir(parents=True, exist_ok=True)
-    config = resolve_paths(cell.config, "." if root is None else root)
+    root = "." if root is None else root
+    config = resolve_paths(cell.config, root)
     before = backbones.encoder_use()
-    _STAGES[cell.kind](_Context(cell, config, run, deps, store, workdir, backbones))
+    _STAGES[cell.kind](_Context(cell, config, run, deps, store, workdir, backbones, root))
     log_encoder_use(run, backbones, before)
 
 
@@ -484,11 +488,14 @@ class _Context:
     cell: Cell
     config: dict
     """The cell's config with its local paths resolved for this process."""
-    run: CellRun
+    run: CellRun | None
+    """The cell's run; None when a model is rebuilt outside it (an export)."""
     deps: Mapping[str, str]
     store: GridStore
     workdir: Path
     backbones: Backbones
+    root: str | Path = "."
+    """The experiment's directory, against which `cell.config`'s local paths resolve."""
 
     def restored_speech_llm(self) -> tuple[SpeechLLM, SpeechLLMConfig]:
         """A fresh copy of the SpeechLLM trained by this cell's `train_cell`, its trained weights restored."""
@@ -590,30 +597,74 @@ def _run_eval(ctx: _Context) -> None:
     ctx.run.log_metrics({"peak_memory_mb": _peak_memory_mb(device)})
 
 
-def _run_prune(ctx: _Context) -> None:
-    report = ctx.store.load_json_artifact(ctx.deps[ctx.config["path_cell"]], DISTANCE_ARTIFACT)
-    if report["n_layers"] != ctx.config["layers"]:
+def pruned_speech_llm(
+    cell: Cell, store: GridStore, deps: Mapping[str, str], workdir: Path, backbones: Backbones, root: str
+) -> PrunedModel:
+    """A prune cell's model as it was before healing trained: the baseline restored, pruned, healing set up.
+
+    `_run_prune` heals it and evaluates it; an export (`grid.export`) restores what healing trained from the cell's
+    `healed/` artifact instead, and so gets the model the cell evaluated.
+
+    Args:
+        cell: A prune cell.
+        store: Its experiment's store.
+        deps: Its dependencies' FINISHED run ids (the train cell's model, the path cell's path).
+        workdir: A directory for scratch copies of artifacts.
+        backbones: Where the encoder and decoder come from.
+        root: The experiment's directory, against which the cell's local paths resolve.
+
+    Raises:
+        BadInputError: The path is for another depth, or the trained model for another config.
+    """
+    ctx = _Context(cell, resolve_paths(cell.config, root), None, deps, store, workdir, backbones, root)
+    report = store.load_json_artifact(deps[cell.config["path_cell"]], DISTANCE_ARTIFACT)
+    if report["n_layers"] != cell.config["layers"]:
         raise BadInputError(
-            f"path cell {ctx.config['path_cell']}: its path is for {report['n_layers']} layers, "
-            f"this model has {ctx.config['layers']}"
+            f"path cell {cell.config['path_cell']}: its path is for {report['n_layers']} layers, "
+            f"this model has {cell.config['layers']}"
         )
-    step = _path_step(report, ctx.config["n"], ctx.config["path_cell"])
+    step = _path_step(report, cell.config["n"], cell.config["path_cell"])
+    model, cfg = ctx.restored_speech_llm()
+    drop_layers(model.decoder, step.removed)
+    heal = from_dict(HealConfig, cell.config["heal"], "heal")
+    trainable = 0
+    if heal.strategy != "none":
+        # Seeds the healing LoRA's initialisation, which happens before `train` seeds everything else.
+        torch.manual_seed(cell.config["heal_train"]["seed"])
+        trainable = add_healing(model, step.receiving_layer, heal).trainable
+    return PrunedModel(model, cfg, step, heal, trainable)
+
+
+@dataclass
+class PrunedModel:
+    """A prune cell's SpeechLLM (`pruned_speech_llm`) and what it was made of."""
+
+    model: SpeechLLM
+    cfg: SpeechLLMConfig
+    """The baseline's SpeechLLM config."""
+    step: PathStep
+    """The path step whose layers are removed."""
+    heal: HealConfig
+    trainable: int
+    """Parameters healing trains (0 for `none`)."""
+
+
+def _run_prune(ctx: _Context) -> None:
     device = ctx.backbones.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model, _ = ctx.restored_speech_llm()
-    drop_layers(model.decoder, step.removed)
-    heal = from_dict(HealConfig, ctx.config["heal"], "heal")
-    trainable = 0
-    if heal.strategy != "none":
+    pruned = pruned_speech_llm(ctx.cell, ctx.store, ctx.deps, ctx.workdir, ctx.backbones, ctx.root)
+    model, step, trainable = pruned.model, pruned.step, pruned.trainable
+    if pruned.heal.strategy != "none":
         heal_train = from_dict(TrainConfig, ctx.config["heal_train"], "heal_train")
-        # Seeds the healing LoRA's initialisation, which happens before `train` seeds everything else.
-        torch.manual_seed(heal_train.seed)
-        trainable = add_healing(model, step.receiving_layer, heal).trainable
         dataset = load_dataset(from_dict(DataConfig, ctx.config["data"], "data"))
         healed = train(model, dataset.for_training(), heal_train, out_dir=ctx.workdir / "heal", tracker=ctx.run)
         # Named as a train cell's: the healing training streams `train.loss` to this run too.
         _log_training(ctx.run, healed)
+        # What healing trained, for `slamgrid export`: the cell's model is the baseline's, pruned, and this.
+        with tempfile.TemporaryDirectory(dir=ctx.workdir) as scratch:
+            if save_healed(model, scratch) is not None:
+                ctx.run.client.log_artifacts(ctx.run.run_id, scratch, HEALED_ARTIFACT)
     ctx.run.set_tags({"removed": json.dumps(list(step.removed)), "receiving_layer": str(step.receiving_layer)})
     ctx.run.log_metrics(
         {

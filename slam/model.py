@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -351,7 +351,7 @@ def save_speech_llm(model: SpeechLLM, cfg: SpeechLLMConfig, out_dir: str | Path)
 
 
 def load_speech_llm(path: str | Path) -> tuple[SpeechLLM, SpeechLLMConfig]:
-    """Load a SpeechLLM saved by `save_speech_llm`.
+    """Load a SpeechLLM saved by `save_speech_llm` (or exported by `slam.export.export_speech_llm`).
 
     Args:
         path: The directory.
@@ -363,10 +363,25 @@ def load_speech_llm(path: str | Path) -> tuple[SpeechLLM, SpeechLLMConfig]:
         BadInputError: The directory, its config or its weights are missing or do not match.
     """
     root = Path(path)
-    cfg = read_speech_llm_config(root)
+    cfg = resolve_saved_names(read_speech_llm_config(root), root)
     model = build_speech_llm(cfg)
     restore_trained(model, cfg, root)
     return model, cfg
+
+
+def resolve_saved_names(cfg: SpeechLLMConfig, root: str | Path) -> SpeechLLMConfig:
+    """A saved SpeechLLM's config with backbone names written `./x` or `../x` made relative to its directory.
+
+    An export (`slam.export`) names its own pruned decoder `./decoder`, so that the directory can move; hub ids and
+    absolute paths are left as they are.
+    """
+
+    def resolved(name: str) -> str:
+        return str((Path(root) / name).resolve()) if name.startswith(("./", "../")) else name
+
+    encoder = replace(cfg.encoder, name=resolved(cfg.encoder.name))
+    decoder = replace(cfg.decoder, name=resolved(cfg.decoder.name))
+    return replace(cfg, encoder=encoder, decoder=decoder)
 
 
 def read_speech_llm_config(path: str | Path) -> SpeechLLMConfig:
