@@ -225,9 +225,30 @@ def _print_ui_hint(tracking_uri: str | None, experiment: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slamgrid", description="Decoder-layer redundancy of SpeechLLMs.")
+    parser = argparse.ArgumentParser(
+        prog="slamgrid",
+        description="Decoder-layer redundancy of SpeechLLMs: the paper's grid on Ray, tracked in MLflow.",
+        epilog="example: slamgrid run experiments/demo.yaml (the whole demo grid on this machine); "
+        "slamgrid COMMAND --help for each command",
+    )
+    parser.add_argument("--version", action="version", version=f"slamgrid {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run or resume every cell of an experiment file on Ray, tracked in MLflow")
+
+    def command(name: str, what: str, example: str) -> argparse.ArgumentParser:
+        # Raw: the example keeps its own line.
+        return sub.add_parser(
+            name,
+            help=what,
+            description=what,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    run = command(
+        "run",
+        "run or resume every cell of an experiment file on Ray, tracked in MLflow",
+        "slamgrid run experiments/demo.yaml --workers 2 --progress plain",
+    )
     run.add_argument("experiment", help="experiment file (YAML), e.g. experiments/demo.yaml")
     run.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
@@ -273,8 +294,10 @@ def _parser() -> argparse.ArgumentParser:
         "every 30 s while something changes), off; auto (default): rich on a terminal, else plain",
     )
     run.set_defaults(func=cmd_run)
-    plan = sub.add_parser(
-        "plan", help="cells of an experiment file by kind and model, those finished, and the slot-hours left"
+    plan = command(
+        "plan",
+        "cells of an experiment file by kind and model, those finished, and the slot-hours left",
+        "slamgrid plan experiments/paper.yaml",
     )
     plan.add_argument("experiment", help="experiment file (YAML)")
     plan.add_argument(
@@ -292,15 +315,20 @@ def _parser() -> argparse.ArgumentParser:
         "model sizes, for an H100)",
     )
     plan.set_defaults(func=cmd_plan)
-    status = sub.add_parser("status", help="cells of an experiment file per state, from the MLflow store")
+    status = command(
+        "status",
+        "cells of an experiment file per state, from the MLflow store",
+        "slamgrid status experiments/demo.yaml --tracking-uri sqlite:///mlflow.db",
+    )
     status.add_argument("experiment", help="experiment file (YAML)")
     status.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
     )
     status.set_defaults(func=cmd_status)
-    summary = sub.add_parser(
+    summary = command(
         "summarize",
-        help="Table 1/2 and Figure 1/2 of an experiment file from the MLflow store, logged to its parent run",
+        "Table 1/2 and Figure 1/2 of an experiment file from the MLflow store, logged to its parent run",
+        "slamgrid summarize experiments/demo.yaml --out report/",
     )
     summary.add_argument("experiment", help="experiment file (YAML)")
     summary.add_argument(
@@ -313,10 +341,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also write the tables (.txt, .csv, .md), summary.json and the figures (.png) into DIR",
     )
     summary.set_defaults(func=cmd_summarize)
-    export = sub.add_parser(
+    export = command(
         "export",
-        help="write finished prune cells' pruned (and healed) models: one as a Hugging Face decoder plus projector, "
+        "write finished prune cells' pruned (and healed) models: one as a Hugging Face decoder plus projector, "
         "several tasks as one shared backbone with a projector and adapter each",
+        "slamgrid export experiments/demo.yaml --cell 1a2b3c4d --out pruned/",
     )
     export.add_argument("experiment", help="experiment file (YAML)")
     chosen = export.add_mutually_exclusive_group(required=True)
@@ -330,7 +359,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--device", default="cpu", help="where the models are rebuilt: cpu (default), cuda, cuda:N")
     export.set_defaults(func=cmd_export)
-    path = sub.add_parser("path", help="distance matrix and optimal pruning path of an LLM from text")
+    path = command(
+        "path",
+        "distance matrix and optimal pruning path of an LLM from text (or of a saved SpeechLLM from speech)",
+        "slamgrid path --model Qwen/Qwen2.5-7B --text some.txt --out qwen7b-path.json",
+    )
     path.add_argument(
         "--model", required=True, help="causal LM (hub id or directory) with --text; a saved SpeechLLM with --speech"
     )
@@ -343,7 +376,13 @@ def _parser() -> argparse.ArgumentParser:
         "(librispeech, loquacious, covost2); samples of all sets are pooled",
     )
     path.add_argument("--task", choices=("asr", "ast"), default="asr", help="target text of speech samples")
-    path.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
+    path.add_argument(
+        "--on-bad-sample",
+        choices=("error", "skip"),
+        default="error",
+        help="a sample whose audio is missing or unreadable: stop with its file and line (error, default) or leave it "
+        "out and say so (skip)",
+    )
     path.add_argument("--out", required=True, help="JSON file to write")
     path.add_argument("--max-samples", type=int, default=None, help="use only the first N samples (of each set)")
     path.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
@@ -354,11 +393,25 @@ def _parser() -> argparse.ArgumentParser:
         default="paper",
         help="block convention of the path: paper (eq. 2, block n removes n-1 layers) or gromov (n layers)",
     )
-    path.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    path.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights' dtype (default: float32; distances are computed in float32 either way)",
+    )
     path.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     path.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
     path.set_defaults(func=cmd_path)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slamgrid")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
 
 
 def _print_status(status: GridStatus) -> None:

@@ -2,7 +2,8 @@
 
 `load_dataset(DataConfig)` validates the cheap metadata (fields, transcripts, that audio files exist) at load
 time and returns a `SpeechDataset` that decodes audio only when a sample is accessed: soundfile decodes, the
-channels are averaged to mono and `torchaudio.functional.resample` brings any rate to 16 kHz.
+channels are averaged to mono and `torchaudio.functional.resample` brings any rate to 16 kHz (torchaudio is imported
+only then, so that 16 kHz data needs none: a CPU-only torch that torchaudio cannot load beside runs the demo).
 
 Bad input is never dropped silently. Under `on_bad_sample="error"` the first bad sample raises a
 `BadInputError` naming the file (and line, for text files) at fault; under `"skip"` it is left out and
@@ -24,7 +25,6 @@ import datasets
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional
 
 from slam.config import TASKS, DataConfig
 from slam.errors import BadInputError
@@ -312,8 +312,21 @@ def read_audio(path_or_bytes: str | os.PathLike[str] | bytes, where: str) -> np.
         raise _BadSample(where, "the audio holds NaN or infinite values")
     mono = data.mean(axis=1)  # (T,)
     if rate != SAMPLE_RATE:
-        mono = torchaudio.functional.resample(torch.from_numpy(mono), rate, SAMPLE_RATE).numpy()  # (T * 16k / rate,)
+        mono = _resample()(torch.from_numpy(mono), rate, SAMPLE_RATE).numpy()  # (T * 16k / rate,)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _resample():
+    """`torchaudio.functional.resample`, or why it cannot be had."""
+    try:
+        from torchaudio.functional import resample
+    except (ImportError, OSError) as error:
+        raise BadInputError(
+            f"audio that is not at {SAMPLE_RATE} Hz needs torchaudio to resample it, which does not load here "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); install a torchaudio "
+            "that matches this torch"
+        ) from error
+    return resample
 
 
 def length_batches(durations: Sequence[float], batch_size: int) -> list[list[int]]:

@@ -3,8 +3,10 @@ without the training stack."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -12,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from grid.cli import main
+from grid.cli import _parser, main
 from slam.config import DecoderConfig, DistanceConfig
 from slam.metrics import format_percent
 from slam.model import load_decoder
@@ -198,3 +200,21 @@ def test_path_speech_spec_errors(tmp_path, capsys):
     assert "--speech 'tedlium:x': expected a manifest .jsonl or SOURCE:PATH[:SPLIT[:NAME]]" in capsys.readouterr().err
     assert main(["path", "--model", str(tmp_path), "--out", str(tmp_path / "o.json"), "--speech", "x.jsonl"]) == 2
     assert "x.jsonl" in capsys.readouterr().err  # the manifest is read before any model is loaded
+
+
+def test_version_and_help_for_every_option_and_an_example_per_command(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"slamgrid {version('slamgrid')}"
+    parser = _parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"run", "plan", "status", "summarize", "export", "path"}
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help, f"slamgrid {name} {action.option_strings or action.dest}: no help text"
+        example = command.epilog.split("example:\n", 1)[1].strip()
+        assert example.startswith(f"slamgrid {name} "), name
+        # The example parses as the command's own arguments.
+        command.parse_args(shlex.split(example)[2:])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -123,6 +125,18 @@ def test_read_audio_resamples_44k1_to_16k_keeping_length_and_frequency(tmp_path)
 
     assert abs(len(audio) - 2 * SAMPLE_RATE) <= 1
     assert peak_frequency(audio) == pytest.approx(1000.0, abs=1.0)
+
+
+def test_16k_audio_needs_no_torchaudio_and_resampling_without_one_is_a_clear_error(tmp_path, monkeypatch):
+    # A CPU-only torch that torchaudio cannot load beside (README, "Installing"): importing it fails.
+    monkeypatch.setitem(sys.modules, "torchaudio.functional", None)
+    audio = read_audio(write_audio(tmp_path / "x.wav", 1.0, rate=SAMPLE_RATE, freq=440.0), "x.wav")
+    assert len(audio) == SAMPLE_RATE
+    with pytest.raises(BadInputError, match=r"audio that is not at 16000 Hz needs torchaudio to resample it"):
+        read_audio(write_audio(tmp_path / "y.wav", 1.0, rate=8000, freq=440.0), "y.wav")
+    # Nothing on the way to 16 kHz data imports it.
+    code = "import sys, slam.data, slam.model, slam.train, slam.evaluate; assert 'torchaudio' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
 
 
 def test_read_audio_mixes_stereo_to_the_channel_mean(tmp_path):
