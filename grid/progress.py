@@ -5,8 +5,8 @@ an estimate of the time left, and each running training's step, loss and speed a
 
 - `rich`: a live display on stderr (the `rich` library): a bar for the grid and one per running training, redrawn
   in place, with the runner's log lines printed above it;
-- `plain`: log lines (logger `grid.progress`), for files, CI and schedulers: the grid's counts every `interval`
-  seconds while something changes, and a line per training each time its run records a new step;
+- `plain`: log lines (logger `grid.progress`), for files, CI and schedulers: every `interval` seconds while
+  something changes, a line per training that recorded a new step, then the grid's counts and estimate;
 - `off`: neither (the runner's line per cell start and end stays);
 - `auto` (the default): `rich` when stdout and stderr are terminals, else `plain`.
 
@@ -227,17 +227,19 @@ class PlainProgress(GridProgress):
         self._steps: dict[str, int] = {}
 
     def update(self, tick: bool = False) -> None:
-        """On a tick: a line per training that recorded a new step, then the counts if they changed."""
+        """On a tick: a line per training that recorded a new step, then the counts if anything moved."""
         if not tick:
             return
+        stepped = False
         for cell_id, training in self.trainings.items():
             if training.step and self._steps.get(cell_id) != training.step:
                 self._steps[cell_id] = training.step
+                stepped = True
                 log.info("%s", training.describe())
         counts = self.counts_text()
-        # Elapsed time alone changing is no news.
+        # Elapsed time alone changing is no news; a training's new step is (the estimate moves with it).
         key = counts.split(";")[0]
-        if key != self._shown:
+        if key != self._shown or stepped:
             self._shown = key
             log.info("progress: %s", counts)
 

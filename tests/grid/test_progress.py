@@ -123,6 +123,7 @@ def test_plain_lines_name_each_new_training_step_and_the_counts_when_they_change
         f"{name}: step 2/8 (25%), loss 0.7500, 3.00 steps/s",
         "progress: 0/1 finished, 1 running; 10s elapsed, about 30s left",  # a quarter of the work in 10 s
         f"{name}: step 4/8 (50%), loss 0.5000, 3.00 steps/s",
+        "progress: 0/1 finished, 1 running; 30s elapsed, about 30s left",
         "progress: 1/1 finished, 0 running; 35s elapsed",
     ]
 
