@@ -32,7 +32,7 @@ from grid.stages import Backbones
 from grid.status import experiment_status
 from grid.tracking import GridStore
 from slam.config import DecoderConfig, DistanceConfig, EncoderConfig, ProjectorConfig, SpeechLLMConfig
-from slam.metrics import bisect_depth, removable_fraction, within_threshold
+from slam.metrics import bisect_depth, relative_change, removable_fraction, within_threshold
 from slam.model import load_decoder
 from slam.redundancy import SPEECH_TOKEN, TEXT_TOKEN, text_layer_distances
 from slam.tiny import build_tiny_lm
@@ -203,12 +203,20 @@ def test_summaries_equal_the_slam_functions_on_the_logged_metrics(first_run):
                 r.data.metrics["peak_memory_mb"] / base["peak_memory_mb"] for r in pruned
             ]
             key = f"removable_fraction.tiny.speech-{study}.{healing.replace('+', '_')}"
-            if baseline["test"] == 0:  # a random tiny model may score BLEU 0: the relative change is undefined
+            if baseline["test"] == 0:
+                # A random tiny model scores BLEU 0 (its WER is never 0): the relative change is undefined, and the
+                # table says so instead of a fraction.
+                assert metric == "bleu"
+                assert result["note"] == "baseline bleu is 0 on test: the relative change is undefined"
                 assert result["removable_fraction"] is None and key not in summary_run.data.metrics
+                assert all(row["delta"] == {"test": None} for row in result["rows"])
                 continue
             expected = removable_fraction(baseline, scores, metric)
-            assert result["removable_fraction"] == expected
+            assert result["removable_fraction"] == expected and result["note"] is None
             assert summary_run.data.metrics[key] == expected
+            assert [row["delta"]["test"] for row in result["rows"]] == [
+                relative_change(s["test"], baseline["test"]) for s in scores.values()
+            ]
     text_summary = next(r for r in runs if r.data.tags["cell_kind"] == "summary" and r.data.tags["study"] == "text")
     table = store.load_json_artifact(text_summary.info.run_id, "summary.json")
     assert table["results"] == [] and [p["source"] for p in table["paths"]] == ["text"]
