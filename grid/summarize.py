@@ -57,6 +57,8 @@ TABLES = ("table1", "table2")
 """The tables of a summary, by the name of their files."""
 _FINISHED = "FINISHED"
 _THRESHOLDS = {"wer": WER_THRESHOLD, "bleu": BLEU_THRESHOLD}
+_Y_RANGE = 4.0  # Figure 2 spans this many thresholds on the failing side: +100% WER, -40% BLEU
+_Y_MARGIN = 0.2  # and a fifth of a threshold beyond, so that points at an edge are not cut in half
 _NONE = "–"
 # A size such as `-7B`, `-1.5B` or `-135M`, and whatever follows it (`-Instruct`), then a version such as `-3.2`.
 _SIZE_SUFFIX = re.compile(r"-\d+(\.\d+)?[BbMm](-.*)?$")
@@ -291,7 +293,8 @@ def table1_blocks(studies: Sequence[dict[str, Any]]) -> list[TableBlock]:
 
     Returns:
         One block per study with an ASR result, named by the study: a baseline row per (model, path, healing),
-        then its `+ pruning` row (the removable fraction and the WER there).
+        then its `+ pruning` row (the removable fraction and the WER there), and, where nothing is removable, a
+        `first failing` row: the shallowest depth run and its WER, which missed the threshold.
     """
     blocks = []
     for study in studies:
@@ -309,9 +312,15 @@ def table1_blocks(studies: Sequence[dict[str, Any]]) -> list[TableBlock]:
                 continue
             at = _row_at(result, fraction)
             rows.append(["+ pruning", "", "", format_percent(fraction), *_cells(at["scores"] if at else {}, sets)])
+            if at is None and result["rows"]:
+                # Nothing is removable: the shallowest depth run shows by how much it missed.
+                first = min(result["rows"], key=lambda row: row["fraction"])
+                failing = format_percent(first["fraction"])
+                rows.append(["first failing", "", "", failing, *_cells(first["scores"], sets)])
         title = (
             f"Table 1, study {study['study']}: WER (%) before and after pruning; drop = the largest fraction of "
-            f"decoder layers removed with relative WER change <= {study['threshold']:g} on every set"
+            f"decoder layers removed with relative WER change <= {study['threshold']:g} on every set (where none "
+            "is, the first failing depth's WER)"
         )
         blocks.append(TableBlock(study["study"], title, header, rows, _search_note(study)))
     return blocks
@@ -518,7 +527,11 @@ def figure2(studies: Sequence[dict[str, Any]], metric: str = "wer") -> Figure:
     """Figure 2: relative change of the score against the fraction of decoder layers removed.
 
     One row per model family (`model_family`), one column per evaluation set, one line per (study, model, path,
-    healing) starting at (0, 0), and the threshold (0.25 for WER, -0.10 for BLEU) as a grey dashed line.
+    healing) starting at (0, 0), and the threshold (0.25 for WER, -0.10 for BLEU) as a grey dashed line. The
+    y-axis shows the decision: it spans `_Y_RANGE` times the threshold on the failing side (+100% WER, -40% BLEU)
+    and what the points need on the other, so that the threshold and the points near it stay readable however far
+    the deepest cuts go; a point beyond the range sits on the axis's edge as a triangle pointing out, labelled
+    with its value.
 
     Args:
         studies: Study tables (`grid.stages.study_table`); those with `metric` are drawn.
@@ -541,6 +554,7 @@ def figure2(studies: Sequence[dict[str, Any]], metric: str = "wer") -> Figure:
             ax.set_xlabel("fraction of decoder layers removed")
             ax.set_ylabel(f"relative {metric.upper()} change")
     several_studies = len({study["study"] for study, _ in results}) > 1
+    low, high = _y_range(results, threshold)
     for study, result in results:
         row = families.index(model_family(result["model"]))
         for name in result["baseline"]:
@@ -549,10 +563,28 @@ def figure2(studies: Sequence[dict[str, Any]], metric: str = "wer") -> Figure:
             ]
             label = f"{result['model']} {result['path_label']}, {result['healing']}"
             label = f"{study['study']}: {label}" if several_studies else label
-            axes[row][sets.index(name)].plot(*zip(*points), marker="o", label=label)
+            ax = axes[row][sets.index(name)]
+            xs, ys = zip(*points)
+            shown = np.clip(ys, low, high)
+            (line,) = ax.plot(xs, shown, marker="o", label=label)
+            for x, y, edge in zip(xs, ys, shown):
+                if y != edge:
+                    ax.plot([x], [edge], marker="^" if y > high else "v", color=line.get_color(), markersize=9)
+                    ax.annotate(f"{y:+.2f}", (x, edge), textcoords="offset points", xytext=(4, -10 if y > high else 4),
+                                fontsize="x-small", color=line.get_color())  # fmt: skip
     for ax in axes.ravel():
+        ax.set_ylim(low, high)
         ax.legend(fontsize="small")
     return figure
+
+
+def _y_range(results: Sequence[tuple[dict, dict]], threshold: float) -> tuple[float, float]:
+    """Figure 2's y-range: `_Y_RANGE` thresholds on the failing side, the points' extent on the other (and 0)."""
+    deltas = [d for _, result in results for row in result["rows"] for d in row["delta"].values() if d is not None]
+    margin = abs(threshold) * _Y_MARGIN
+    if threshold > 0:  # WER: a rise fails
+        return min([0.0, *deltas]) - margin, threshold * _Y_RANGE + margin
+    return threshold * _Y_RANGE - margin, max([0.0, *deltas]) + margin
 
 
 def model_family(name: str) -> str:

@@ -92,7 +92,7 @@ STUDIES = [ASR, BISECT, AST]
 # What `table1` and `table2` printed before the tables were built as blocks: the text must not change.
 TABLE_1 = "\n".join([
     "Table 1, study asr: WER (%) before and after pruning; drop = the largest fraction of decoder layers removed "
-    "with relative WER change <= 0.25 on every set",
+    "with relative WER change <= 0.25 on every set (where none is, the first failing depth's WER)",
     "model         path        healing            drop %  test-clean" + " " * 57 + "test-other",
     "Qwen2.5-7B    speech-asr  decoder+projector  –       2.00" + " " * 63 + "4.00",
     "+ pruning                                    25.0    2.10" + " " * 63 + "5.00",
@@ -101,7 +101,7 @@ TABLE_1 = "\n".join([
     "undefined",
     "",
     "Table 1, study asr-bisect: WER (%) before and after pruning; drop = the largest fraction of decoder layers "
-    "removed with relative WER change <= 0.25 on every set",
+    "removed with relative WER change <= 0.25 on every set (where none is, the first failing depth's WER)",
     "(search: bisect, a binary search over the depths, which assumes that degradation grows with depth; a sweep "
     "checks every depth)",
     "model         path        healing  drop %  test-clean  test-other",
@@ -251,7 +251,8 @@ def test_figure2_has_a_row_per_model_family_and_the_threshold_line():
         (threshold,) = [line for line in ax.get_lines() if line.get_label().startswith("threshold")]
         assert threshold.get_label() == "threshold 0.25"
         assert list(threshold.get_ydata()) == [0.25, 0.25] and threshold.get_linestyle() == "--"
-        curves = [line for line in ax.get_lines() if line is not threshold]
+        # (Markers of points beyond the y-range have no label.)
+        curves = [line for line in ax.get_lines() if line is not threshold and not line.get_label().startswith("_")]
         assert [line.get_label().split()[0] for line in curves] == [m for m in sizes if m.startswith(family)]
     clean = next(line for line in figure.axes[0].get_lines() if line.get_label().startswith("Qwen2.5-7B"))
     assert list(clean.get_xdata()) == [0.0, 0.25] and list(clean.get_ydata()) == [0.0, pytest.approx(0.5)]
@@ -297,3 +298,38 @@ def _paths_and_studies() -> tuple[list[dict], list[dict]]:
         agreement = path_comparisons(entries, [paths[i] for i in members])
         studies.append(_study(f"paths-{members[0]}", "wer", [], paths=entries, agreement=agreement))
     return paths, studies
+
+
+def test_table1_shows_the_first_failing_depth_where_nothing_is_removable():
+    result = _result("Llama-3.2-1B", "speech-asr", "none", "wer", {"test": 10.0},
+                     {0.125: {"test": 13.0}, 0.25: {"test": 20.0}})  # fmt: skip
+    assert result["removable_fraction"] == 0.0
+    (block,) = table1_blocks([_study("asr", "wer", [result])])
+    assert block.rows == [
+        ["Llama-3.2-1B", "speech-asr", "none", "–", "10.00"],
+        ["+ pruning", "", "", "0.0", "–"],
+        ["first failing", "", "", "12.5", "13.00"],
+    ]
+    # Where a depth is removable, there is no such row.
+    (passing,) = table1_blocks([ASR])[:1]
+    assert not any(row[0] == "first failing" for row in passing.rows)
+
+
+def test_figure2_keeps_the_threshold_readable_and_marks_the_points_beyond_its_range():
+    result = _result("Qwen2.5-7B", "speech-asr", "none", "wer", {"test": 2.0},
+                     {0.125: {"test": 2.2}, 0.25: {"test": 2.6}, 0.5: {"test": 8.0}})  # fmt: skip
+    (ax,) = figure2([_study("asr", "wer", [result])]).axes
+    low, high = ax.get_ylim()
+    assert (low, high) == (pytest.approx(-0.05), pytest.approx(1.05))  # 4 thresholds up, a fifth of one beyond
+    curve = next(line for line in ax.get_lines() if line.get_label().startswith("Qwen2.5-7B"))
+    assert list(curve.get_ydata()) == [0.0, pytest.approx(0.1), pytest.approx(0.3), pytest.approx(1.05)]
+    (beyond,) = [line for line in ax.get_lines() if line.get_marker() == "^"]
+    assert (list(beyond.get_xdata()), list(beyond.get_ydata())) == ([0.5], [pytest.approx(1.05)])
+    assert [text.get_text() for text in ax.texts] == ["+3.00"]  # (8 - 2) / 2, its true value
+    bleu = _result(
+        "Qwen2.5-7B", "speech-ast", "none", "bleu", {"test": 30.0}, {0.25: {"test": 27.0}, 0.5: {"test": 6.0}}
+    )
+    (ax,) = figure2([_study("ast", "bleu", [bleu])], "bleu").axes
+    assert ax.get_ylim() == (pytest.approx(-0.42), pytest.approx(0.02))
+    assert [line.get_marker() for line in ax.get_lines() if line.get_marker() in "^v"] == ["v"]
+    assert [text.get_text() for text in ax.texts] == ["-0.80"]
