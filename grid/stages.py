@@ -71,7 +71,14 @@ from slam.evaluate import evaluate
 from slam.export import save_healed
 from slam.features import FeatureCache
 from slam.healing import add_healing
-from slam.metrics import BLEU_THRESHOLD, WER_THRESHOLD, relative_change, removable_fraction, set_scores
+from slam.metrics import (
+    BLEU_THRESHOLD,
+    WER_THRESHOLD,
+    relative_change,
+    removable_fraction,
+    set_scores,
+    within_threshold,
+)
 from slam.model import (
     SpeechEncoder,
     SpeechLLM,
@@ -695,6 +702,28 @@ def _run_summary(ctx: _Context) -> None:
         metrics[metric_key(*key, "depths")] = len(pair["depths"])
     if metrics:
         ctx.run.log_metrics(metrics)
+    _log_prune_deltas(ctx.store, table, ctx.deps)
+
+
+def _log_prune_deltas(store: GridStore, table: dict[str, Any], deps: Mapping[str, str]) -> None:
+    """Log on each pruned cell's run what the study found of it, so that MLflow's runs table sorts and charts by
+    it: `{set}.delta` (the relative change of the set's score against the baseline) and `within_threshold` (1 when
+    every set meets the study's threshold, 0 otherwise; left out where a baseline score is 0, the change undefined).
+
+    Args:
+        store: The grid's store.
+        table: The study's table (`study_table`).
+        deps: Each listed cell's FINISHED run, the pruned cells' among them.
+    """
+    for result in table["results"]:
+        for row in result["rows"]:
+            deltas = {name: delta for name, delta in row["delta"].items() if delta is not None}
+            metrics: dict[str, float] = {f"{name}.delta": delta for name, delta in deltas.items()}
+            if deltas and len(deltas) == len(row["delta"]):
+                passes = within_threshold(result["baseline"], row["scores"], table["metric"], table["threshold"])
+                metrics["within_threshold"] = float(passes)
+            if metrics:
+                store.log_metrics(deps[row["cell_id"]], metrics)
 
 
 _STAGES: dict[str, Callable[[_Context], None]] = {

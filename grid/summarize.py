@@ -23,7 +23,8 @@ A grid that has not finished is summarised from what has: cells without a FINISH
 and a prune cell whose baseline is missing is left out with it. `Summary.write` puts everything in a folder
 (`table1.txt`, `table1.csv`, `table1.md`, the same for `table2`, `paths.txt`, `summary.json`, `figure1.png`,
 `figure2.png`, `figure2_bleu.png`, those the results allow); with `log=True` the same files go to the experiment's
-parent run under `report/`, beside the per-study `summaries/` of the summary cells. `paths.txt` compares, per
+parent run under `report/`, beside the per-study `summaries/` of the summary cells, and the tables in Markdown become
+the run's description (what MLflow's UI shows on its page). `paths.txt` compares, per
 model, the text- and speech-derived paths of every study that has both (paper Figure 1 (a) vs (b)).
 """
 
@@ -180,7 +181,8 @@ def summarize(
         path: The experiment file.
         tracking_uri: MLflow tracking URI; None: `$MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db`.
         log: Log the files of `Summary.write` (tables as text, CSV and Markdown, the JSON, the figures) on the
-            parent run under `report/`.
+            parent run under `report/`, and set its description (what MLflow's UI shows on the run's page) to the
+            tables in Markdown.
         out: A folder to write those files into as well (`Summary.write`); None: none.
 
     Returns:
@@ -209,6 +211,7 @@ def summarize(
                 parent = store.parent_run()
                 for file in files:
                     store.client.log_artifact(parent, str(file), REPORT_DIR)
+                store.describe_parent(_report_note(summary), f"`{REPORT_DIR}/table1.md` and `{REPORT_DIR}/table2.md`")
     return summary
 
 
@@ -603,6 +606,23 @@ def model_family(name: str) -> str:
     """
     family = _SIZE_SUFFIX.sub("", name)
     return name if family == name else _VERSION_SUFFIX.sub("", family)
+
+
+def _report_note(summary: Summary) -> str:
+    """The parent run's description: a line on what the report covers, Table 1 and Table 2 as Markdown, the paths."""
+    done = summary.cells - len(summary.missing)
+    parts = [
+        f"**{summary.experiment}**: the report of `slamgrid summarize` ({done} of {summary.cells} cells finished); "
+        f"its files (the tables as text, CSV and Markdown, the figures, `summary.json`) are the artifacts under "
+        f"`{REPORT_DIR}/`."
+    ]
+    parts += [table_markdown(summary.tables.get(name, [])) for name in TABLES]
+    if summary.paths_text:
+        # Preformatted: the lines are indented, which Markdown would otherwise fold into one paragraph.
+        parts.append(f"```\n{summary.paths_text}\n```")
+    if not any(summary.tables.values()):
+        parts.append("No finished evaluation to summarise yet.")
+    return "\n\n".join(part.strip("\n") for part in parts if part) + "\n"
 
 
 def _require_experiment(uri: str, name: str) -> None:

@@ -8,11 +8,14 @@ imports MLflow.
 
 Layout in the store:
 
-- One MLflow experiment per experiment file; in it one parent run (tag `grid_role=parent`) holding the
-  summaries (`summaries/{name}.json`, `summaries/{name}/{figure}.png`).
-- One child run per cell (tag `mlflow.parentRunId`), named `{kind}-{id[:8]}`, tagged `cell_id`,
-  `cell_kind` and the cell's tags, its config logged as flattened params (`heal.lora_rank`) and whole
-  as the artifact `config.json`; a failure leaves the tag `error` and the artifact `error.txt`.
+- One MLflow experiment per experiment file, tagged as a model-development experiment (`EXPERIMENT_KIND`: MLflow's
+  UI opens it on its runs table); in it one parent run (tag `grid_role=parent`) holding the
+  summaries (`summaries/{name}.json`, `summaries/{name}/{figure}.png`) and, as its description, the report's
+  tables (`GridStore.describe_parent`).
+- One child run per cell (tag `mlflow.parentRunId`), named by what it does (`run_name`: `prune tiny-qwen asr
+  speech-asr n=3 none [1a2b3c4d]`), tagged `cell_id`, `cell_kind` and the cell's tags, its config logged as
+  flattened params (`heal.lora_rank`) and whole as the artifact `config.json`; a failure leaves the tag `error`
+  and the artifact `error.txt`.
 - With a local sqlite store, artifacts go to `mlartifacts/` beside the database file.
 """
 
@@ -50,10 +53,19 @@ PARENT_TAG = "grid_role"
 """Tag that marks the experiment's parent run (value `parent`)."""
 ERROR_TAG = "error"
 """Tag holding the one-line error of a failed or killed cell."""
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""The experiment tag (key, value) that marks a model-development ("Machine learning") experiment, which MLflow's UI
+opens on its runs table rather than a GenAI overview. MLflow 3.17's UI lays pages out by its global "GenAI / Model
+training" switch instead (the URL's `?workflowType=machine_learning`, else the browser's last choice, GenAI at
+first): there a link to the runs table needs that query."""
+NOTE_TAG = "mlflow.note.content"
+"""The run tag MLflow's UI renders as the run's description, in Markdown."""
 
-# MLflow's limits (mlflow.utils.validation): param values 6,000 chars, param keys 250, a log_batch
-# call 1,000 metrics or 100 params/tags.
+# MLflow's limits (mlflow.utils.validation, the run table's `name` column): param values 6,000 chars, tag values
+# 8,000, param keys and run names 250, a log_batch call 1,000 metrics or 100 params/tags.
 _PARAM_VALUE_LIMIT = 6000
+_TAG_VALUE_LIMIT = 8000
+_RUN_NAME_LIMIT = 250
 _KEY_LIMIT = 250
 _METRICS_PER_BATCH = 1000
 _PARAMS_PER_BATCH = 100
@@ -127,6 +139,30 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
+
+
+def run_name(cell: Cell) -> str:
+    """A cell's run name, what MLflow's UI lists it by: its kind, what it is about, and its id's first 8 characters.
+
+    Args:
+        cell: The cell; its tags say what it is about (those missing are left out).
+
+    Returns:
+        `train tiny-qwen asr [1a2b3c4d]`, `eval tiny-qwen asr [..]`, `path tiny-qwen asr speech [..]` (`text gromov`
+        in Gromov et al.'s convention), `prune tiny-qwen asr speech-asr n=3 decoder+projector [..]` (the path as
+        `grid.stages` labels it), `summary asr [..]` (the study), cut to MLflow's 250 characters.
+    """
+    tags = cell.tags
+    about = [tags.get("study", "")] if cell.kind == "summary" else [tags.get("model", ""), tags.get("task", "")]
+    if cell.kind == "path":
+        convention = tags.get("path.convention", "paper")
+        about += [tags.get("path.source", ""), "" if convention == "paper" else convention]
+    if cell.kind == "prune":
+        about += [_prune_path(tags), f"n={tags['n']}" if "n" in tags else "", tags.get("healing", "")]
+    words = " ".join(part for part in (cell.kind, *about) if part)
+    # The id keeps two cells that differ only in config (two trainings of one model and task) apart.
+    suffix = f" [{cell.id[:8]}]"
+    return words[: _RUN_NAME_LIMIT - len(suffix)] + suffix
 
 
 @dataclass(frozen=True)
@@ -222,7 +258,8 @@ class GridStore:
             raise ValueError(f"cell {cell.id} ({cell.kind}) already has a FINISHED run {run.info.run_id}")
         if run is not None:
             run_id = run.info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            # The name too: a run made before names were readable gets the readable one.
+            self.client.update_run(run_id, status="RUNNING", name=run_name(cell))
             if ERROR_TAG in run.data.tags:
                 self.client.delete_tag(run_id, ERROR_TAG)
             _log_batch(self.client, run_id, tags=tags)
@@ -233,7 +270,7 @@ class GridStore:
             created = self.client.create_run(
                 self.experiment_id,
                 tags={**tags, _PARENT_RUN_ID_TAG: parent},
-                run_name=f"{cell.kind}-{cell.id[:8]}",
+                run_name=run_name(cell),
             )
             run_id = created.info.run_id
             missing = _params(cell.config)
@@ -264,6 +301,31 @@ class GridStore:
         self.client.log_text(parent, _json(table), f"summaries/{name}.json")
         for figure_name, figure in (figures or {}).items():
             self.client.log_figure(parent, figure, f"summaries/{name}/{figure_name}.png")
+
+    def describe_parent(self, markdown: str, whole: str) -> None:
+        """Set the parent run's description (`NOTE_TAG`), which MLflow's UI shows as Markdown on the run's page.
+
+        Args:
+            markdown: The description.
+            whole: Where the whole text can be read, named in the note that ends a description cut to MLflow's
+                tag value limit (8,000 characters).
+        """
+        note = f"\n\n*Cut to MLflow's limit of {_TAG_VALUE_LIMIT} characters: the whole is in {whole}.*\n"
+        if len(markdown) > _TAG_VALUE_LIMIT:
+            # Cut at a line's end, so that no table row is left half-drawn.
+            kept = markdown[: _TAG_VALUE_LIMIT - len(note)]
+            markdown = kept[: kept.rfind("\n") + 1].rstrip("\n") + note
+        self.client.set_tag(self.parent_run(), NOTE_TAG, markdown)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        """Record metrics (at step 0) on any run of the experiment, finished or not, e.g. a summary's numbers on the
+        cells it summarises.
+
+        Args:
+            run_id: The run.
+            metrics: Name -> value.
+        """
+        _log_metrics(self.client, run_id, metrics, 0)
 
     def run_ids(self, cell_ids: Sequence[str]) -> dict[str, str]:
         """Cell id -> the run standing for it (`states`), for the cells that have a run."""
@@ -413,10 +475,7 @@ class CellRun(Tracker):
             metrics: Name -> value, e.g. `{"wer/test-clean": 0.031}`.
             step: Training step or block size n.
         """
-        now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
-        for i in range(0, len(batch), _METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + _METRICS_PER_BATCH])
+        _log_metrics(self.client, self.run_id, metrics, step or 0)
 
     def log_json(self, path: str, data: Any) -> None:
         """Log JSON-ready data as the artifact `path` (e.g. `distance.json`, `hypotheses/test.json`)."""
@@ -433,6 +492,26 @@ class CellRun(Tracker):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set (or overwrite) tags of the run."""
         _log_batch(self.client, self.run_id, tags=tags)
+
+
+def _prune_path(tags: Mapping[str, str]) -> str:
+    """A prune cell's path as `grid.stages` labels it (`speech-asr`, `text-asr-other-model`, `text-asr-gromov`);
+    empty when the cell has no path tags."""
+    if "path.source" not in tags or "path.task" not in tags:
+        return ""
+    label = f"{tags['path.source']}-{tags['path.task']}"
+    if tags.get("path.model", tags.get("model")) != tags.get("model"):
+        label += f"-{tags['path.model']}"
+    convention = tags.get("path.convention", "paper")
+    return label if convention == "paper" else f"{label}-{convention}"
+
+
+def _log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Metrics at one step and one timestamp, in batches of MLflow's size limit (one batch for up to 1,000)."""
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    for i in range(0, len(batch), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=batch[i : i + _METRICS_PER_BATCH])
 
 
 def _params(config: Mapping[str, Any]) -> dict[str, str]:
@@ -466,17 +545,22 @@ def _log_batch(
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """Get or create the experiment; restore it if it was deleted; survive a concurrent creation."""
+    """Get or create the experiment; restore it if it was deleted; survive a concurrent creation; tag its kind
+    (`EXPERIMENT_KIND`) where it has none, so that one made before the tag existed opens on its runs table too."""
+    key, kind = EXPERIMENT_KIND
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location, tags={key: kind})
         except MlflowException as err:
             if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
             experiment = client.get_experiment_by_name(name)
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    # A kind someone chose in the UI is theirs to keep.
+    if key not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, key, kind)
     return experiment.experiment_id
 
 

@@ -13,7 +13,17 @@ from mlflow.tracking import MlflowClient
 import grid.tracking
 from grid.cells import Cell, cell_id, expand
 from grid.experiment import load_experiment
-from grid.tracking import DEFAULT_TRACKING_URI, TRUNCATED, CellRun, GridStore, tracking_uri
+from grid.stages import Backbones, run_cell
+from grid.tracking import (
+    DEFAULT_TRACKING_URI,
+    EXPERIMENT_KIND,
+    NOTE_TAG,
+    TRUNCATED,
+    CellRun,
+    GridStore,
+    run_name,
+    tracking_uri,
+)
 from tests.conftest import REPO
 
 
@@ -62,7 +72,7 @@ def test_finished_cell_is_one_run_with_tags_params_metrics_artifacts(uri, prune_
     client = MlflowClient(uri)
     got = client.get_run(run.run_id)
     assert got.info.status == "FINISHED"
-    assert got.info.run_name == f"prune-{prune_cell.id[:8]}"
+    assert got.info.run_name == f"prune tiny-qwen asr speech-asr n=2 decoder+projector [{prune_cell.id[:8]}]"
     tags = got.data.tags
     assert tags["cell_id"] == prune_cell.id
     assert tags["cell_kind"] == "prune"
@@ -292,3 +302,107 @@ def test_config_json_matches_the_cell_id(uri, demo_cells):
     config = store.load_json_artifact(run.run_id, "config.json")
     assert cell_id(cell.kind, config) == cell.id
     assert json.loads(json.dumps(config)) == cell.config
+
+
+def test_run_names_say_what_each_cell_is(demo_cells):
+    names = [run_name(cell) for cell in demo_cells]
+    assert all(name.endswith(f" [{cell.id[:8]}]") for name, cell in zip(names, demo_cells))
+    readable = [name.rsplit(" [", 1)[0] for name in names]
+    assert len(set(names)) == len(names) == 25
+    # One of each kind (and path kind) of the demo, as the runs table lists them.
+    assert {
+        "train tiny-qwen asr",
+        "eval tiny-qwen ast",
+        "path tiny-qwen asr speech",
+        "path tiny-qwen asr text gromov",
+        "prune tiny-qwen asr speech-asr n=2 none",
+        "prune tiny-qwen asr speech-asr n=3 decoder+projector",
+        "prune tiny-qwen ast speech-asr n=5 decoder+projector",
+        "prune tiny-qwen asr text-asr n=3 decoder+projector",
+        "summary asr-text-path",
+    } <= set(readable)
+    assert [name for name in readable if name.startswith("summary")] == [
+        "summary asr",
+        "summary ast",
+        "summary asr-text-path",
+        "summary figure1",
+    ]
+
+
+def test_run_names_of_another_model_s_path_and_of_long_tags():
+    tags = {"model": "qwen-7b", "task": "asr", "n": "4", "healing": "none", "path.source": "text",
+            "path.task": "asr", "path.model": "qwen-1.5b", "path.convention": "gromov"}  # fmt: skip
+    cell = Cell("prune", {"n": 4}, (), tags)
+    assert run_name(cell) == f"prune qwen-7b asr text-asr-qwen-1.5b-gromov n=4 none [{cell.id[:8]}]"
+    long = Cell("train", {}, (), {"model": "m" * 300, "task": "asr"})
+    assert len(run_name(long)) == 250
+    assert run_name(long) == f"train {'m' * 233} [{long.id[:8]}]"
+    assert run_name(Cell("eval", {}, (), {})) == f"eval [{Cell('eval', {}, (), {}).id[:8]}]"
+
+
+def test_the_experiment_is_tagged_as_model_development(uri):
+    key, kind = EXPERIMENT_KIND
+    assert (key, kind) == ("mlflow.experimentKind", "custom_model_development")
+    client = MlflowClient(uri)
+    store = GridStore(uri, "demo")
+    assert client.get_experiment(store.experiment_id).tags[key] == kind
+    # An experiment made before the tag gets it when a store opens it; a kind chosen in the UI is kept.
+    old = client.create_experiment("old")
+    assert key not in client.get_experiment(old).tags
+    assert GridStore(uri, "old").experiment_id == old
+    assert client.get_experiment(old).tags[key] == kind
+    chosen = client.create_experiment("chosen", tags={key: "genai_development"})
+    GridStore(uri, "chosen")
+    assert client.get_experiment(chosen).tags[key] == "genai_development"
+
+
+def test_a_continued_run_gets_the_readable_name(uri, prune_cell):
+    store = GridStore(uri, "demo")
+    client = MlflowClient(uri)
+    old = client.create_run(store.experiment_id, tags={"cell_id": prune_cell.id}, run_name=f"prune-{prune_cell.id[:8]}")
+    client.set_terminated(old.info.run_id, "FAILED")
+    with store.start_cell(prune_cell) as run:
+        pass
+    assert run.run_id == old.info.run_id
+    assert client.get_run(run.run_id).info.run_name == run_name(prune_cell)
+
+
+def test_the_parent_run_s_description_is_cut_at_a_line_to_mlflow_s_limit(uri):
+    store = GridStore(uri, "demo")
+    client = MlflowClient(uri)
+    store.describe_parent("**demo**\n\n| a |\n| --- |\n| 1 |\n", "`report/table1.md`")
+    assert client.get_run(store.parent_run()).data.tags[NOTE_TAG] == "**demo**\n\n| a |\n| --- |\n| 1 |\n"
+    rows = [f"| row {i:04d} | {'x' * 40} |" for i in range(400)]  # 55 characters and a newline each: 22,399 in all
+    store.describe_parent("\n".join(rows), "`report/table1.md`")
+    note = client.get_run(store.parent_run()).data.tags[NOTE_TAG]
+    kept, _, end = note.partition("\n\n*")
+    assert end == "Cut to MLflow's limit of 8000 characters: the whole is in `report/table1.md`.*\n"
+    assert len(note) <= 8000 and kept.split("\n") == rows[: len(kept.split("\n"))]
+    # As many whole rows as fit beside the note.
+    assert len(kept.split("\n")) == (8000 - len("\n\n*" + end)) // 56 == 141
+
+
+def test_the_summary_logs_each_pruned_cell_s_change_on_its_run(uri, tmp_path, demo_cells):
+    store = GridStore(uri, "demo")
+    evaluated = next(c for c in demo_cells if c.kind == "eval" and c.tags["task"] == "asr")
+    prunes = [c for c in demo_cells if c.kind == "prune" and c.tags["study"] == "asr" and c.tags["healing"] == "none"]
+    pruned_wer = {"2": 0.22, "3": 0.3, "4": 0.25}  # against 0.2: +10 % (within 25 %), +50 %, +25 % (on the line)
+    runs = {}
+    with store.start_cell(evaluated) as run:
+        run.log_metrics({"test.wer": 0.2})
+    runs[evaluated.id] = run.run_id
+    for cell in prunes[:3]:
+        with store.start_cell(cell) as run:
+            run.set_tags({"removed": "[1]"})
+            n = int(cell.tags["n"])
+            run.log_metrics({"n": n, "fraction": (n - 1) / 8, "test.wer": pruned_wer[cell.tags["n"]]})
+        runs[cell.id] = run.run_id
+    config = {"study": "asr", "task": "asr", "path_cells": [], "eval_cells": [evaluated.id],
+              "prune_cells": [c.id for c in prunes[:3]]}  # fmt: skip
+    summary = Cell("summary", config, tuple(runs), {"task": "asr", "study": "asr"})
+    with store.start_cell(summary) as run:
+        run_cell(summary, run, runs, store, tmp_path, Backbones("cpu"))
+    logged = {cell.tags["n"]: store.run_metrics(runs[cell.id]) for cell in prunes[:3]}
+    assert {n: metrics["test.delta"] for n, metrics in logged.items()} == pytest.approx({"2": 0.1, "3": 0.5, "4": 0.25})
+    assert {n: metrics["within_threshold"] for n, metrics in logged.items()} == {"2": 1.0, "3": 0.0, "4": 1.0}
+    assert "test.delta" not in store.run_metrics(runs[evaluated.id])
