@@ -76,6 +76,25 @@ def cell_id(kind: str, config: dict) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
+def prune_path_label(tags: Mapping[str, str]) -> str:
+    """How tables and run names call a prune cell's path: `{source}-{task}`, plus `-{model}` when the path is another
+    model's, and `-gromov` when it follows Gromov et al.'s block convention rather than the paper's.
+
+    Args:
+        tags: The prune cell's tags (`path.source`, `path.task`, `path.model`, `path.convention`, `model`).
+
+    Returns:
+        The label; empty for tags without a path (not a prune cell).
+    """
+    if "path.source" not in tags or "path.task" not in tags:
+        return ""
+    label = f"{tags['path.source']}-{tags['path.task']}"
+    if tags.get("path.model", tags.get("model")) != tags.get("model"):
+        label += f"-{tags['path.model']}"
+    convention = tags.get("path.convention", "paper")
+    return label if convention == "paper" else f"{label}-{convention}"
+
+
 def expand(exp: Experiment, results: Mapping[str, Mapping[str, float]] | None = None) -> list[Cell]:
     """Expand an experiment into its cells, shared cells once, each after the cells it depends on.
 

@@ -210,17 +210,22 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _print_ui_hint(tracking_uri: str | None, experiment: str) -> None:
-    """How to look at the results in the MLflow UI."""
+    """How to look at the results in the MLflow UI: its runs table of the experiment, in the model-training layout."""
+    from mlflow.tracking import MlflowClient
+
+    from grid.tracking import UI_LAYOUT
     from grid.tracking import tracking_uri as resolve
 
     uri = resolve(tracking_uri)
+    found = MlflowClient(uri).get_experiment_by_name(experiment)
+    page = f"/#/experiments/{found.experiment_id}?{UI_LAYOUT}" if found is not None else ""
     if uri.startswith(("http://", "https://")):
-        print(f"MLflow UI: open {uri} (experiment {experiment!r})")
+        print(f"MLflow UI: open {uri.rstrip('/')}{page} (experiment {experiment!r})")
     else:
         print(
             f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, "
-            f"then open http://127.0.0.1:5000 (experiment {experiment!r}; tables and figures on its run `grid`, "
-            f"under Artifacts)"
+            f"then open http://127.0.0.1:5000{page} (experiment {experiment!r}; tables and figures on its run `grid`: "
+            f"its description and, under Artifacts, report/)"
         )
 
 

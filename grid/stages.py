@@ -50,7 +50,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grid.cells import Cell
+from grid.cells import Cell, prune_path_label
 from grid.experiment import is_local_path, resolve_paths
 from grid.tracking import CellRun, GridStore
 from slam.config import (
@@ -383,7 +383,7 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
     for cell in config["prune_cells"]:
         run = store.client.get_run(deps[cell])
         tags, metrics = run.data.tags, run.data.metrics
-        label = _path_label(tags)
+        label = prune_path_label(tags)
         group = groups.setdefault(
             (tags["model"], label, tags["healing"]),
             {
@@ -782,16 +782,6 @@ def _log_training(run: CellRun, result: TrainResult) -> None:
         run.log_json("train_skipped.json", [list(item) for item in result.skipped])
     if result.unreadable:
         run.set_tags({"train.unreadable_checkpoints": " ".join(str(path) for path in result.unreadable)})
-
-
-def _path_label(tags: Mapping[str, str]) -> str:
-    """`{source}-{task}` of a prune cell's path, plus `-{model}` when the path is another model's, and `-gromov`
-    when it follows Gromov et al.'s block convention rather than the paper's."""
-    label = f"{tags['path.source']}-{tags['path.task']}"
-    if tags["path.model"] != tags["model"]:
-        label += f"-{tags['path.model']}"
-    convention = tags.get("path.convention", "paper")
-    return label if convention == "paper" else f"{label}-{convention}"
 
 
 def _costs(metrics: Mapping[str, float]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from grid.cells import Cell
+from grid.cells import Cell, prune_path_label
 from slam.track import Tracker
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 opens on its runs table rather than a GenAI overview. MLflow 3.17's UI lays pages out by its global "GenAI / Model
 training" switch instead (the URL's `?workflowType=machine_learning`, else the browser's last choice, GenAI at
 first): there a link to the runs table needs that query."""
+UI_LAYOUT = "workflowType=machine_learning"
+"""The URL query that opens MLflow 3.17's pages in their model-training layout (the runs table, no GenAI overview)."""
 NOTE_TAG = "mlflow.note.content"
 """The run tag MLflow's UI renders as the run's description, in Markdown."""
 
@@ -158,7 +160,7 @@ def run_name(cell: Cell) -> str:
         convention = tags.get("path.convention", "paper")
         about += [tags.get("path.source", ""), "" if convention == "paper" else convention]
     if cell.kind == "prune":
-        about += [_prune_path(tags), f"n={tags['n']}" if "n" in tags else "", tags.get("healing", "")]
+        about += [prune_path_label(tags), f"n={tags['n']}" if "n" in tags else "", tags.get("healing", "")]
     words = " ".join(part for part in (cell.kind, *about) if part)
     # The id keeps two cells that differ only in config (two trainings of one model and task) apart.
     suffix = f" [{cell.id[:8]}]"
@@ -492,18 +494,6 @@ class CellRun(Tracker):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set (or overwrite) tags of the run."""
         _log_batch(self.client, self.run_id, tags=tags)
-
-
-def _prune_path(tags: Mapping[str, str]) -> str:
-    """A prune cell's path as `grid.stages` labels it (`speech-asr`, `text-asr-other-model`, `text-asr-gromov`);
-    empty when the cell has no path tags."""
-    if "path.source" not in tags or "path.task" not in tags:
-        return ""
-    label = f"{tags['path.source']}-{tags['path.task']}"
-    if tags.get("path.model", tags.get("model")) != tags.get("model"):
-        label += f"-{tags['path.model']}"
-    convention = tags.get("path.convention", "paper")
-    return label if convention == "paper" else f"{label}-{convention}"
 
 
 def _log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:

@@ -39,7 +39,7 @@ from grid.cells import expand
 from grid.experiment import load_experiment
 from grid.runner import run_experiment
 from grid.summarize import REPORT_DIR, summarize
-from grid.tracking import EXPERIMENT_KIND, NOTE_TAG, GridStore, run_name
+from grid.tracking import EXPERIMENT_KIND, NOTE_TAG, UI_LAYOUT, GridStore, run_name
 from slam.metrics import relative_change, within_threshold
 from tests.grid.world import build_world, write_experiment
 
@@ -49,8 +49,6 @@ STUDIES = [
     {"name": "asr", "task": "asr", "models": ["tiny"], "paths": [{"source": "speech"}], "depths": [2],
      "healing": ["none"]},
 ]  # fmt: skip
-MODEL_TRAINING = "workflowType=machine_learning"
-"""The query that opens MLflow 3.17's pages in its "Model training" layout (runs table, no GenAI overview)."""
 WAIT = 60
 SERVER_START = 120  # `mlflow server` takes about 25 s to answer on a CPU runner
 
@@ -134,7 +132,7 @@ def test_the_experiment_opens_on_its_runs_table_of_readable_cell_names(grid_run,
         "summary asr",
     }
 
-    browser.get(f"{server}/#/experiments/{store.experiment_id}?{MODEL_TRAINING}")
+    browser.get(f"{server}/#/experiments/{store.experiment_id}?{UI_LAYOUT}")
     # The cells are the parent run's children: listed once its row is expanded.
     expander = (By.XPATH, "//div[@role='gridcell'][.//a[normalize-space()='grid']]//button")
     WebDriverWait(browser, WAIT).until(lambda driver: driver.find_elements(*expander))
@@ -155,7 +153,7 @@ def test_the_parent_run_shows_the_report_tables_and_artifacts(grid_run, server, 
     title = next(line[len("### ") :] for line in note.splitlines() if line.startswith("### Table 1"))
     page = f"{server}/#/experiments/{store.experiment_id}/runs/{parent}"
 
-    browser.get(f"{page}?{MODEL_TRAINING}")
+    browser.get(f"{page}?{UI_LAYOUT}")
     table = (By.CSS_SELECTOR, "[data-testid='note-editor-preview-content'] table")
     WebDriverWait(browser, WAIT).until(lambda driver: driver.find_elements(*table))
     description = browser.find_element(By.CSS_SELECTOR, "[data-testid='note-editor-preview-content']")
@@ -171,7 +169,7 @@ def test_the_parent_run_shows_the_report_tables_and_artifacts(grid_run, server, 
     browser.execute_script("arguments[0].scrollIntoView()", description)
     _save(browser, screenshots, "parent_run.png")
 
-    browser.get(f"{page}/artifacts?{MODEL_TRAINING}")
+    browser.get(f"{page}/artifacts?{UI_LAYOUT}")
     folder = (By.XPATH, f"//*[normalize-space(text())='{REPORT_DIR}']")
     WebDriverWait(browser, WAIT).until(lambda driver: driver.find_elements(*folder))
     browser.find_element(*folder).click()
