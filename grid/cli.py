@@ -431,6 +431,16 @@ def _print_status(status: GridStatus) -> None:
             print(f"{title}:")
         for cell in listed:
             print(f"  {_describe(cell.cell)}: {cell.reason or 'no error recorded'}")
+    from grid.provenance import code_tags, describe
+
+    current = describe(code_tags())
+    other = status.other_code(current)
+    if other:
+        versions = ", ".join(f"{version} ({count})" for version, count in other.items())
+        print(
+            f"warning: {sum(other.values())} finished cell(s) came from another code version than this checkout's "
+            f"({current}): {versions}; their results stand as they are (a rerun does not redo them)"
+        )
 
 
 def _describe(cell: Cell) -> str:

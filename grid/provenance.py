@@ -1,8 +1,9 @@
 """Where a result came from: the code version, the versions of the packages that decide a number, and the device.
 
 Every cell run is tagged with `code_tags()` (taken once by the driver, which has the repository: under `ray job
-submit --working-dir .` the workers' copies have no `.git`) and `device_tags()` (taken by the process that runs the
-cell). `slamgrid status` compares the finished cells' `code.commit` with this checkout's and warns when they differ.
+submit --working-dir .` the workers' copies have no `.git`; it imports no torch, so `status` stays light) and
+`device_tags()` (taken by the process that runs the cell, with torch's own version string and build). `slamgrid
+status` compares the finished cells' `code.commit` with this checkout's and warns when they differ.
 """
 
 from __future__ import annotations
@@ -50,13 +51,16 @@ def code_tags(root: Path = _ROOT) -> dict[str, str]:
 
 
 def device_tags() -> dict[str, str]:
-    """The device this process computes on, as a run tag: the CUDA device's name, else `cpu (<processor>)`."""
+    """The device this process computes on, as run tags: `device` (the CUDA device's name, else `cpu (<processor>,
+    <threads> threads)`) and `versions.torch` as torch itself gives it, with its build (`2.14.1+cu130`, `2.13.0+cpu`:
+    two builds of one release compute with other kernels)."""
     import torch
 
     if torch.cuda.is_available():
-        return {DEVICE_TAG: f"cuda ({torch.cuda.get_device_name(torch.cuda.current_device())})"}
-    processor = platform.processor() or platform.machine()
-    return {DEVICE_TAG: f"cpu ({processor}, {torch.get_num_threads()} threads)"}
+        device = f"cuda ({torch.cuda.get_device_name(torch.cuda.current_device())})"
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {DEVICE_TAG: device, "versions.torch": torch.__version__}
 
 
 def describe(tags: dict[str, str]) -> str:

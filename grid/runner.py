@@ -71,6 +71,7 @@ from grid.errors import GridError
 from grid.experiment import load_experiment, missing_paths, resolve_paths
 from grid.lease import DriverLease, stop_processes, this_process_children
 from grid.progress import GridProgress, make_progress
+from grid.provenance import code_tags, device_tags
 from grid.schedule import ReadyQueue, claim_slots, route, train_workers
 from grid.stages import Backbones, log_encoder_use, run_cell, train_speech_llm
 from grid.status import (
@@ -165,6 +166,7 @@ class CellWorker:
         root: str,
         max_decoders: int | None = None,
         feature_cache: str | None = None,
+        provenance: dict[str, str] | None = None,
     ) -> None:
         """Open the store and start with no backbone.
 
@@ -176,11 +178,13 @@ class CellWorker:
                 cells' relative local paths resolve against it (`grid.experiment.resolve_paths`).
             max_decoders: Decoders kept loaded at most (`Backbones`); None: no limit.
             feature_cache: Root of the frozen-encoder feature cache (absolute); None: no cache.
+            provenance: The driver's code tags (`grid.provenance.code_tags`: the driver has the repository, a
+                job's workers may have a copy without `.git`); this worker adds its device.
         """
         # Download progress bars would interleave in the driver's log, one per artifact a cell reads.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         hf_logging.disable_progress_bar()
-        self.store = GridStore(uri, experiment)
+        self.store = GridStore(uri, experiment, {**(provenance or {}), **device_tags()})
         self.workdir = Path(workdir)
         self.root = root
         self.backbones = Backbones(max_decoders=max_decoders, feature_cache=feature_cache)
@@ -285,7 +289,7 @@ def run_experiment(
     if database is not None:
         check_writable(database.parent, "the tracking store's directory", create=False)
     try:
-        store = GridStore(uri, exp.name)
+        store = GridStore(uri, exp.name, code_tags())
         lease = DriverLease(store.client, store.parent_run(), f"experiment {exp.name!r} in {uri}")
         previous = lease.acquire()
     except MlflowException as err:
@@ -496,6 +500,7 @@ class _Pool:
                     self.use_gpu,
                     self.trainer_resources,
                     self.feature_cache,
+                    self.store.provenance,
                 )
                 self.trainers[ref] = cell
                 inflight[ref] = _Job(cell, tuple(slots), time.monotonic(), ddp=True)
@@ -611,6 +616,7 @@ class _Pool:
             self.root,
             self.backbones_per_worker,
             self.feature_cache,
+            self.store.provenance,
         )
         self.held[slot] = frozenset()
         self.started_workers += 1
@@ -696,6 +702,7 @@ def _train_ddp_cell(
     use_gpu: bool,
     resources: dict[str, float],
     feature_cache: str | None = None,
+    provenance: dict[str, str] | None = None,
 ) -> CellOutcome:
     """Run a DDP train cell through Ray Train, in its run; a failure is recorded there and reported back.
 
@@ -712,6 +719,7 @@ def _train_ddp_cell(
         use_gpu: One GPU per training process (NCCL), else CPUs (gloo).
         resources: What each training process holds: one slot's resources.
         feature_cache: Root of the frozen-encoder feature cache every training process reads and fills; None: none.
+        provenance: The driver's code tags; rank 0 adds its device.
 
     Returns:
         The outcome, the task's `host:pid` as worker; loads are those of the W processes (each loads the
@@ -723,7 +731,7 @@ def _train_ddp_cell(
     cell_dir = Path(workdir) / cell.id
     run_id, error, loads = None, None, {}
     try:
-        with GridStore(uri, experiment).start_cell(cell) as run:
+        with GridStore(uri, experiment, provenance).start_cell(cell) as run:
             run_id = run.run_id
             run.set_tags({"worker": name, "train_workers": str(workers)})
             trainer = TorchTrainer(
@@ -762,7 +770,7 @@ def _train_loop(config: dict) -> None:
     rank = get_context().get_world_rank()
     run = CellRun(MlflowClient(config["uri"]), config["run_id"]) if rank == 0 else None
     if run is not None:
-        run.set_tags({PLACEMENT_GROUP_TAG: get_current_placement_group().id.hex()})
+        run.set_tags({PLACEMENT_GROUP_TAG: get_current_placement_group().id.hex(), **device_tags()})
     # Ray Train shows every GPU of the node to each of its workers there: the worker's own is this one.
     backbones = Backbones(get_device(), feature_cache=config["feature_cache"])
     try:

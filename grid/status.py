@@ -15,6 +15,7 @@ from pathlib import Path
 from grid.cells import Cell, expand
 from grid.experiment import Experiment, load_experiment
 from grid.lease import DriverLease, Holder
+from grid.provenance import COMMIT_TAG, describe
 from grid.tracking import PENDING, CellState, GridStore, absolute_uri, store_has_experiment
 from grid.tracking import tracking_uri as resolve_tracking_uri
 
@@ -27,6 +28,8 @@ STATES = (FINISHED, "FAILED", "KILLED", "RUNNING", INTERRUPTED, BLOCKED, PENDING
 """Cell states in display order: MLflow's run statuses, INTERRUPTED and BLOCKED (derived), PENDING (no run yet)."""
 NOT_DONE = ("FAILED", "KILLED", BLOCKED)
 """States of a cell that did not finish and blocks its dependents."""
+UNRECORDED = "unrecorded"
+"""`CellStatus.code` of a run from before runs recorded their code version."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class CellStatus:
     """Its run, None when it has none."""
     reason: str | None
     """Why it failed (its run's error) or why it is blocked; None otherwise."""
+    code: str | None = None
+    """The code version its run recorded (`grid.provenance.describe`: a short commit, `+dirty` when tracked files
+    differed), `unrecorded` for a run from before runs recorded it; None without a run."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,18 @@ class GridStatus:
     def blocked(self) -> list[tuple[str, str]]:
         """(cell id, reason) of the BLOCKED cells."""
         return [(s.cell.id, s.reason or "") for s in self.cells if s.state == BLOCKED]
+
+    def other_code(self, current: str) -> dict[str, int]:
+        """The finished cells whose results came from another code version than `current`, counted per version.
+
+        Args:
+            current: This checkout's version (`grid.provenance.describe(code_tags())`).
+
+        Returns:
+            Version -> FINISHED cells that recorded it, for every version but `current`, most cells first.
+        """
+        versions = Counter(s.code for s in self.cells if s.state == FINISHED and s.code and s.code != current)
+        return dict(versions.most_common())
 
     @property
     def all_finished(self) -> bool:
@@ -127,7 +145,8 @@ def grid_status(
             bad = next((by_id[dep] for dep in cell.deps if dep in by_id and by_id[dep].state in NOT_DONE), None)
             if bad is not None:
                 status, reason = BLOCKED, f"dependency {bad.cell.kind} {bad.cell.id} is {bad.state}"
-        by_id[cell.id] = CellStatus(cell=cell, state=status, run_id=run_id, reason=reason)
+        code = (describe(state.tags) if COMMIT_TAG in state.tags else UNRECORDED) if run_id else None
+        by_id[cell.id] = CellStatus(cell=cell, state=status, run_id=run_id, reason=reason, code=code)
     return GridStatus(experiment=experiment, cells=tuple(by_id.values()))
 
 

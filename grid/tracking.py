@@ -188,15 +188,18 @@ class CellState:
 class GridStore:
     """The cells and summaries of one experiment file in one MLflow tracking store."""
 
-    def __init__(self, uri: str, experiment: str) -> None:
+    def __init__(self, uri: str, experiment: str, provenance: Mapping[str, str] | None = None) -> None:
         """Open the store and get or create the MLflow experiment.
 
         Args:
             uri: Tracking URI (see `tracking_uri`).
             experiment: Name of the MLflow experiment, the experiment file's `name`.
+            provenance: Tags every cell run this store starts or continues gets: where its results come from
+                (`grid.provenance`: the code version, the package versions, the device).
         """
         self.uri = uri
         self.experiment = experiment
+        self.provenance = dict(provenance or {})
         self.client = MlflowClient(uri)
         self.experiment_id = _experiment_id(self.client, experiment, _artifact_location(uri))
         self._parent: str | None = None
@@ -255,7 +258,7 @@ class GridStore:
         # 3. Else: a new run under the parent run, its params logged once, here.
         runs = self._search(f"tags.cell_id = '{cell.id}'")
         run = _pick(runs)
-        tags = {"cell_id": cell.id, "cell_kind": cell.kind, **cell.tags}
+        tags = {"cell_id": cell.id, "cell_kind": cell.kind, **cell.tags, **self.provenance}
         if run is not None and run.info.status == "FINISHED":
             raise ValueError(f"cell {cell.id} ({cell.kind}) already has a FINISHED run {run.info.run_id}")
         if run is not None:

@@ -50,4 +50,6 @@ def test_package_versions_are_those_installed_and_no_checkout_is_unknown(tmp_pat
 def test_the_device_is_named():
     import torch
 
-    assert device_tags()[DEVICE_TAG].startswith("cuda (" if torch.cuda.is_available() else "cpu (")
+    tags = device_tags()
+    assert tags[DEVICE_TAG].startswith("cuda (" if torch.cuda.is_available() else "cpu (")
+    assert tags["versions.torch"] == torch.__version__  # with its build, which the package metadata leaves out

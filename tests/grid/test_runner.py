@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from grid.cells import Cell, expand
 from grid.cli import main
 from grid.experiment import load_experiment
+from grid.provenance import COMMIT_TAG, DEVICE_TAG, code_tags, describe
 from grid.runner import RunReport, run_experiment
 from grid.schedule import backbone_of, route
 from grid.stages import Backbones
@@ -442,3 +444,36 @@ def test_progress_lines_follow_a_training_step_by_step_as_its_run_records_it(wor
     # Read while it trained: several steps, each one the run had recorded, in order.
     assert len(seen) >= 2 and seen == sorted(set(seen)) and all(step % 4 == 0 for step in seen), lines
     assert lines[-1].startswith("progress: 3/3 finished, 0 running; "), lines
+
+
+def test_every_run_records_its_code_version_package_versions_and_device(first_run, capsys):
+    path, uri, _ = first_run
+    code = code_tags()
+    assert code[COMMIT_TAG] != "unknown"  # the tests run from a git checkout
+    runs = cell_runs(uri, "runner")
+    for run in runs:
+        tags = run.data.tags
+        assert {key: tags[key] for key in code if key != "versions.torch"} == {
+            key: value for key, value in code.items() if key != "versions.torch"
+        }, tags["cell_kind"]
+        # The worker's torch, with its build: 2.14.1+cu130 and 2.13.0+cpu compute with other kernels.
+        assert tags["versions.torch"] == torch.__version__ and tags[DEVICE_TAG].startswith("cpu (")
+    # `status` warns when finished cells came from another code version, naming it and counting its cells.
+    client = MlflowClient(uri)
+    moved = runs[:2]
+    for run in moved:
+        client.set_tag(run.info.run_id, COMMIT_TAG, "0123456789abcdef")
+    try:
+        assert main(["status", str(path), "--tracking-uri", uri]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        warning = [line for line in lines if line.startswith("warning:")]
+        assert warning == [
+            f"warning: 2 finished cell(s) came from another code version than this checkout's ({describe(code)}): "
+            f"{describe({**code, COMMIT_TAG: '0123456789abcdef'})} (2); their results stand as they are (a rerun "
+            "does not redo them)"
+        ]
+    finally:
+        for run in moved:
+            client.set_tag(run.info.run_id, COMMIT_TAG, code[COMMIT_TAG])
+    assert main(["status", str(path), "--tracking-uri", uri]) == 0
+    assert "warning:" not in capsys.readouterr().out
