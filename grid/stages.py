@@ -373,15 +373,16 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
     when a baseline score is 0, where the relative change is undefined.
     """
     metric = TASK_METRICS[config["task"]]
+    runs = store.runs(deps[cell] for key in ("eval_cells", "prune_cells", "path_cells") for cell in config[key])
     baselines: dict[str, dict[str, float]] = {}
     baseline_costs: dict[str, dict[str, Any]] = {}
     for cell in config["eval_cells"]:
-        run = store.client.get_run(deps[cell])
+        run = runs[deps[cell]]
         baselines[run.data.params["train_cell"]] = set_scores(run.data.metrics, metric)
         baseline_costs[run.data.params["train_cell"]] = _costs(run.data.metrics)
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     for cell in config["prune_cells"]:
-        run = store.client.get_run(deps[cell])
+        run = runs[deps[cell]]
         tags, metrics = run.data.tags, run.data.metrics
         label = prune_path_label(tags)
         group = groups.setdefault(
@@ -422,7 +423,7 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
     results = [_result(group, metric) for group in groups.values()]
     paths, reports = [], []
     for cell in config["path_cells"]:
-        run = store.client.get_run(deps[cell])
+        run = runs[deps[cell]]
         report = store.load_json_artifact(run.info.run_id, DISTANCE_ARTIFACT)
         reports.append(report)
         paths.append(

@@ -75,6 +75,7 @@ _ERROR_LIMIT = 5000
 _PAGE = 1000
 _SQLITE = "sqlite:///"
 _FEW_CELLS = 100  # `GridStore.states` of at most this many cells reads only their runs
+_IDS_PER_QUERY = 100  # run ids in one `GridStore.runs` query
 _PARENT_TAG_VALUE = "parent"
 _PARENT_RUN_NAME = "grid"
 _PARENT_RUN_ID_TAG = "mlflow.parentRunId"
@@ -331,6 +332,23 @@ class GridStore:
             metrics: Name -> value.
         """
         _log_metrics(self.client, run_id, metrics, 0)
+
+    def runs(self, run_ids: Iterable[str]) -> dict[str, Run]:
+        """Runs of this experiment by id, with their params, tags and latest metrics, in pages of `_IDS_PER_QUERY`
+        ids: a summary of thousands of cells makes tens of queries, not one `get_run` per cell.
+
+        Raises:
+            KeyError: A run id that the experiment does not hold.
+        """
+        wanted = list(dict.fromkeys(run_ids))
+        found: dict[str, Run] = {}
+        for i in range(0, len(wanted), _IDS_PER_QUERY):
+            chunk = ", ".join(f"'{run_id}'" for run_id in wanted[i : i + _IDS_PER_QUERY])
+            found |= {run.info.run_id: run for run in self._search(f"attributes.run_id IN ({chunk})")}
+        missing = [run_id for run_id in wanted if run_id not in found]
+        if missing:
+            raise KeyError(f"runs {missing[:3]} are not in experiment {self.experiment!r}")
+        return found
 
     def run_ids(self, cell_ids: Sequence[str]) -> dict[str, str]:
         """Cell id -> the run standing for it (`states`), for the cells that have a run."""

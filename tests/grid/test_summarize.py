@@ -254,3 +254,18 @@ def _rescored(store: GridStore, run, metric: str) -> float:
     assert math.isclose(score, run.data.metrics[f"test.{metric}"], rel_tol=1e-9, abs_tol=1e-9)
     assert len(logged["hypotheses"]) == len(logged["references"]) == 6
     return score
+
+
+def test_a_summary_reads_its_runs_in_pages_not_one_get_run_per_cell(demo_run, monkeypatch):
+    path, uri, _ = demo_run
+    calls = []
+    get_run = MlflowClient.get_run
+    monkeypatch.setattr(MlflowClient, "get_run", lambda self, run_id: calls.append(run_id) or get_run(self, run_id))
+    summary = summarize(path, tracking_uri=uri, log=False)
+    scored = {r.info.run_id for r in _runs(uri) if r.data.tags["cell_kind"] in ("eval", "prune")}
+    assert len(scored) == 9 and sum(len(r["rows"]) for s in summary.studies for r in s["results"]) >= 6
+    # The evaluations' and pruned cells' runs come from paged queries; what remains is MLflow finding where a path
+    # cell's `distance.json` lies, once per report read.
+    assert not scored.intersection(calls)
+    paths = {r.info.run_id for r in _runs(uri) if r.data.tags["cell_kind"] == "path"}
+    assert set(calls) <= paths

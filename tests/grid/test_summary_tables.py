@@ -321,6 +321,7 @@ def test_figure2_keeps_the_threshold_readable_and_marks_the_points_beyond_its_ra
     (ax,) = figure2([_study("asr", "wer", [result])]).axes
     low, high = ax.get_ylim()
     assert (low, high) == (pytest.approx(-0.05), pytest.approx(1.05))  # 4 thresholds up, a fifth of one beyond
+    assert low < 0.25 < high  # the threshold in view, however far the deepest cut went (+300%)
     curve = next(line for line in ax.get_lines() if line.get_label().startswith("Qwen2.5-7B"))
     assert list(curve.get_ydata()) == [0.0, pytest.approx(0.1), pytest.approx(0.3), pytest.approx(1.05)]
     (beyond,) = [line for line in ax.get_lines() if line.get_marker() == "^"]
@@ -331,5 +332,6 @@ def test_figure2_keeps_the_threshold_readable_and_marks_the_points_beyond_its_ra
     )
     (ax,) = figure2([_study("ast", "bleu", [bleu])], "bleu").axes
     assert ax.get_ylim() == (pytest.approx(-0.42), pytest.approx(0.02))
+    assert ax.get_ylim()[0] < -0.1 < ax.get_ylim()[1]
     assert [line.get_marker() for line in ax.get_lines() if line.get_marker() in "^v"] == ["v"]
     assert [text.get_text() for text in ax.texts] == ["-0.80"]

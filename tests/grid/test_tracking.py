@@ -406,3 +406,18 @@ def test_the_summary_logs_each_pruned_cell_s_change_on_its_run(uri, tmp_path, de
     assert {n: metrics["test.delta"] for n, metrics in logged.items()} == pytest.approx({"2": 0.1, "3": 0.5, "4": 0.25})
     assert {n: metrics["within_threshold"] for n, metrics in logged.items()} == {"2": 1.0, "3": 0.0, "4": 1.0}
     assert "test.delta" not in store.run_metrics(runs[evaluated.id])
+
+
+def test_runs_are_read_by_id_in_pages_not_one_query_each(uri, monkeypatch):
+    store = GridStore(uri, "paged")
+    ids = [store.client.create_run(store.experiment_id, tags={"i": str(i)}).info.run_id for i in range(7)]
+    store.client.log_metric(ids[3], "test.wer", 12.5)
+    queries = []
+    search = store.client.search_runs
+    monkeypatch.setattr(grid.tracking, "_IDS_PER_QUERY", 3)
+    monkeypatch.setattr(store.client, "search_runs", lambda *a, **k: queries.append(k) or search(*a, **k))
+    runs = store.runs(reversed(ids))
+    assert sorted(runs) == sorted(ids) and len(queries) == 3  # 7 ids, 3 to a query
+    assert runs[ids[3]].data.metrics == {"test.wer": 12.5} and runs[ids[5]].data.tags["i"] == "5"
+    with pytest.raises(KeyError, match=r"runs \['0123'\] are not in experiment 'paged'"):
+        store.runs([ids[0], "0123"])
