@@ -255,9 +255,7 @@ def _parser() -> argparse.ArgumentParser:
         "slamgrid run experiments/demo.yaml --workers 2 --progress plain",
     )
     run.add_argument("experiment", help="experiment file (YAML), e.g. experiments/demo.yaml")
-    run.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-    )
+    _add_tracking_uri(run)
     run.add_argument("--workdir", default="out", help="root of the cells' working directories (checkpoints)")
     run.add_argument(
         "--workers",
@@ -305,9 +303,7 @@ def _parser() -> argparse.ArgumentParser:
         "slamgrid plan experiments/paper.yaml",
     )
     plan.add_argument("experiment", help="experiment file (YAML)")
-    plan.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-    )
+    _add_tracking_uri(plan)
     plan.add_argument(
         "--timings",
         metavar="FILE",
@@ -326,9 +322,7 @@ def _parser() -> argparse.ArgumentParser:
         "slamgrid status experiments/demo.yaml --tracking-uri sqlite:///mlflow.db",
     )
     status.add_argument("experiment", help="experiment file (YAML)")
-    status.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-    )
+    _add_tracking_uri(status)
     status.set_defaults(func=cmd_status)
     summary = command(
         "summarize",
@@ -336,9 +330,7 @@ def _parser() -> argparse.ArgumentParser:
         "slamgrid summarize experiments/demo.yaml --out report/",
     )
     summary.add_argument("experiment", help="experiment file (YAML)")
-    summary.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-    )
+    _add_tracking_uri(summary)
     summary.add_argument("--no-log", action="store_true", help="print only; log nothing to the parent run")
     summary.add_argument(
         "--out",
@@ -359,9 +351,7 @@ def _parser() -> argparse.ArgumentParser:
         "--cells", nargs="+", metavar="ID", help="prune cells of different tasks that remove the same layers"
     )
     export.add_argument("--out", required=True, help="new (or empty) directory to write")
-    export.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-    )
+    _add_tracking_uri(export)
     export.add_argument("--device", default="cpu", help="where the models are rebuilt: cpu (default), cuda, cuda:N")
     export.set_defaults(func=cmd_export)
     path = command(
@@ -408,6 +398,12 @@ def _parser() -> argparse.ArgumentParser:
     path.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
     path.set_defaults(func=cmd_path)
     return parser
+
+
+def _add_tracking_uri(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
 
 
 def _version() -> str:

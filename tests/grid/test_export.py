@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -20,7 +19,6 @@ from grid.cells import expand
 from grid.cli import main
 from grid.experiment import load_experiment
 from grid.export import export_cells
-from grid.runner import run_experiment
 from grid.stages import Backbones, pruned_speech_llm
 from grid.tracking import GridStore
 from slam.config import DataConfig, DecodeConfig
@@ -28,7 +26,7 @@ from slam.data import load_dataset
 from slam.decode import greedy_decode
 from slam.export import DECODER_DIR, MANIFEST_FILE, SharedBackbone, restore_healed
 from slam.model import load_speech_llm
-from tests.grid.world import LAYERS, build_world, cell_runs, write_experiment
+from tests.grid.world import LAYERS, build_world, cell_runs, run_grid
 
 STUDIES = [
     {"name": "asr", "task": "asr", "models": ["tiny"], "paths": [{"source": "speech"}], "depths": [2],
@@ -41,14 +39,7 @@ STUDIES = [
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     world = build_world(tmp_path_factory.mktemp("world"))
-    path = write_experiment(world, "export", STUDIES)
-    uri = f"sqlite:///{world}/mlflow.db"
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False)
-    try:
-        report = run_experiment(path, tracking_uri=uri, workdir=world / "out")
-    finally:
-        ray.shutdown()
-    assert report.status.all_finished, report.counts
+    path, uri, _ = run_grid(world, "export", STUDIES)
     prunes = {(run.data.tags["task"], int(run.data.tags["n"])): run for run in cell_runs(uri, "export")
               if run.data.tags["cell_kind"] == "prune"}  # fmt: skip
     return world, path, uri, prunes

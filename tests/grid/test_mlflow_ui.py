@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -37,11 +36,10 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from grid.cells import expand
 from grid.experiment import load_experiment
-from grid.runner import run_experiment
 from grid.summarize import REPORT_DIR, summarize
 from grid.tracking import EXPERIMENT_KIND, NOTE_TAG, UI_LAYOUT, GridStore, run_name
 from slam.metrics import relative_change, within_threshold
-from tests.grid.world import build_world, write_experiment
+from tests.grid.world import build_world, run_grid
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -62,13 +60,7 @@ pytestmark = pytest.mark.skipif(
 def grid_run(tmp_path_factory) -> tuple[Path, str]:
     """The small grid, run once on a local Ray and summarised (its report logged): (experiment file, tracking URI)."""
     world = build_world(tmp_path_factory.mktemp("world"))
-    path = write_experiment(world, "ui", STUDIES)
-    uri = f"sqlite:///{world}/mlflow.db"
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
-    try:
-        report = run_experiment(path, tracking_uri=uri, workdir=world / "out")
-    finally:
-        ray.shutdown()
+    path, uri, report = run_grid(world, "ui", STUDIES, gpus=2)
     assert report.counts == {"FINISHED": 5}
     summarize(path, tracking_uri=uri)
     return path, uri

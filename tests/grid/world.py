@@ -20,6 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from grid.cli import main
+from grid.runner import RunReport, run_experiment
 from slam.tiny import build_tiny_lm, build_tiny_wavlm
 
 TEXTS = ["the river ran cold", "she opened the window", "a small boat", "seven birds", "a long letter",
@@ -147,6 +148,23 @@ def shrunk_demo(root: Path) -> Path:
     path = root / "demo.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def run_grid(root: Path, name: str, studies: list[dict], gpus: int = 0) -> tuple[Path, str, RunReport]:
+    """A grid of `studies` on the world in `root` (`write_experiment`), run to the end on a fresh local Ray of 2 CPUs.
+
+    Returns:
+        The experiment file, its tracking URI (`root/mlflow.db`) and the run's report.
+    """
+    path = write_experiment(root, name, studies)
+    uri = f"sqlite:///{root}/mlflow.db"
+    ray.init(address="local", num_cpus=2, num_gpus=gpus, include_dashboard=False)
+    try:
+        report = run_experiment(path, tracking_uri=uri, workdir=root / "out")
+    finally:
+        ray.shutdown()
+    assert report.status.all_finished, report.counts
+    return path, uri, report
 
 
 def slamgrid_run(path: Path, uri: str, workdir: Path, gpus: int = 0, options: Sequence[str] = ()) -> str:
