@@ -50,7 +50,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,10 +77,11 @@ from grid.stages import Backbones, log_encoder_use, run_cell, train_speech_llm
 from grid.status import (
     FINISHED,
     GridStatus,
+    drivers_elsewhere,
     grid_status,
     searches,
 )
-from grid.tracking import ERROR_TAG, CellRun, GridStore, absolute_uri, sqlite_file
+from grid.tracking import ERROR_TAG, CellRun, CellState, GridStore, absolute_uri, sqlite_file
 from grid.tracking import tracking_uri as resolve_tracking_uri
 from slam.errors import BadInputError
 
@@ -305,11 +306,14 @@ def run_experiment(
         #    checkpoints in its working directory (`slam.train`).
         # 4. A bisect search asks for its next depth once the one before finished: the grid is expanded again
         #    from the store after each wave, until a wave adds no cell this call has not tried.
+        # 5. A cell is the same cell in every experiment file that has it: one finished under another file is done
+        #    here too (its run stays where it is), and one another file's live driver runs now is left to it, with
+        #    the cells that depend on it.
         cells = expand(exp, store.results() if searches(exp) else None)  # a sweep's cells need no results
-        done = {
-            cell: state.run_id for cell, state in store.states(c.id for c in cells).items() if state.status == FINISHED
-        }
-        todo = [cell for cell in cells if cell.id not in done]
+        states = store.states(c.id for c in cells)
+        done = {cell: state.run_id for cell, state in states.items() if state.status == FINISHED}
+        left = _left_to_other_drivers(store, cells, states)
+        todo = [cell for cell in cells if cell.id not in done and cell.id not in left]
         started, worker_loads = 0, {}
         if todo:
             if previous is not None:
@@ -329,7 +333,7 @@ def run_experiment(
                 pool = _Pool(
                     store, cell_root, root, todo, num_workers, use_gpu, backbones_per_worker, retries, features, display
                 )
-                tried: set[str] = set()
+                tried: set[str] = set(left)
                 try:
                     while todo:
                         tried.update(cell.id for cell in todo)
@@ -347,7 +351,7 @@ def run_experiment(
             total = sum(sum(loads.values()) for loads in worker_loads.values())
             store.client.log_metric(store.parent_run(), "backbone_loads", total)
         return RunReport(
-            status=grid_status(cells, store.states(c.id for c in cells), exp.name, driver=lease.mine),
+            status=_final_status(store, cells, exp.name, lease),
             started=started,
             worker_loads=worker_loads,
         )
@@ -375,6 +379,32 @@ def check_writable(directory: Path, what: str, create: bool = True) -> None:
     except OSError as err:
         reason = err.strerror or str(err)
         raise GridError(f"{what} {directory}: cannot write there ({reason}); nothing was started") from err
+
+
+def _left_to_other_drivers(store: GridStore, cells: Sequence[Cell], states: Mapping[str, CellState]) -> set[str]:
+    """The cells another experiment file's live driver runs now, and those that depend on them: not started here."""
+    drivers = drivers_elsewhere(store, states)
+    busy = {
+        cell_id
+        for cell_id, state in states.items()
+        if state.status == "RUNNING" and drivers.get(state.experiment_id) is not None
+    }
+    left = set(busy)
+    for cell in cells:  # dependencies come first
+        if left.intersection(cell.deps):
+            left.add(cell.id)
+    for cell_id in sorted(busy):
+        state = states[cell_id]
+        log.info(
+            "cell %s runs under experiment %r (%s): left to it, with the cells that depend on it",
+            cell_id, store.experiment_name(state.experiment_id), drivers[state.experiment_id].describe(),
+        )  # fmt: skip
+    return left
+
+
+def _final_status(store: GridStore, cells: Sequence[Cell], experiment: str, lease: DriverLease) -> GridStatus:
+    states = store.states(c.id for c in cells)
+    return grid_status(cells, states, experiment, driver=lease.mine, drivers=drivers_elsewhere(store, states))
 
 
 @dataclass(frozen=True)

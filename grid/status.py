@@ -112,11 +112,38 @@ def experiment_status(path: str | Path, tracking_uri: str | None = None) -> Grid
     cells = expand(exp, store.results() if searches(exp) else None)
     parent = store.find_parent()
     holder = DriverLease(store.client, parent, exp.name).holder() if parent else None
-    return grid_status(cells, store.states(c.id for c in cells), exp.name, driver=holder)
+    states = store.states(c.id for c in cells)
+    return grid_status(cells, states, exp.name, driver=holder, drivers=drivers_elsewhere(store, states))
+
+
+def drivers_elsewhere(store: GridStore, states: Mapping[str, CellState]) -> dict[str, Holder | None]:
+    """The live driver, if any, of each other experiment file that holds a RUNNING run of these cells.
+
+    A cell is the same cell in every file that has it (`GridStore.states` reads its runs wherever they are), so a
+    cell another file's driver runs now is RUNNING, not INTERRUPTED, and is left to that driver.
+
+    Returns:
+        Experiment id -> its driver (None when none holds it), for the experiments other than `store`'s.
+    """
+    others = {
+        state.experiment_id
+        for state in states.values()
+        if state.status == "RUNNING" and state.experiment_id not in (None, store.experiment_id)
+    }
+    drivers: dict[str, Holder | None] = {}
+    for experiment in others:
+        parent = store.parent_of(experiment)
+        what = f"experiment {store.experiment_name(experiment)!r}"
+        drivers[experiment] = DriverLease(store.client, parent, what).holder() if parent else None
+    return drivers
 
 
 def grid_status(
-    cells: Sequence[Cell], states: Mapping[str, CellState], experiment: str, driver: Holder | None = None
+    cells: Sequence[Cell],
+    states: Mapping[str, CellState],
+    experiment: str,
+    driver: Holder | None = None,
+    drivers: Mapping[str, Holder | None] | None = None,
 ) -> GridStatus:
     """Each cell's state from its run's status, with BLOCKED and INTERRUPTED derived.
 
@@ -129,6 +156,8 @@ def grid_status(
         states: The store's state of each cell id (`GridStore.states`); a missing id counts as PENDING.
         experiment: The experiment's name.
         driver: The driver running the experiment now, None when none is.
+        drivers: The drivers of other experiments whose runs `states` holds (`drivers_elsewhere`), by experiment id;
+            a run of one of them is judged by its own experiment's driver.
 
     Returns:
         The status of every cell, in the order given.
@@ -139,7 +168,8 @@ def grid_status(
         run_id = state.run_id if state else None
         status = state.status if state else PENDING
         reason = state.error if state else None
-        if status == "RUNNING" and driver is None:
+        owner = (drivers or {}).get(state.experiment_id, driver) if state else driver
+        if status == "RUNNING" and owner is None:
             status, reason = INTERRUPTED, "its driver stopped without finishing it; `slamgrid run` resumes it"
         if status != FINISHED:
             bad = next((by_id[dep] for dep in cell.deps if dep in by_id and by_id[dep].state in NOT_DONE), None)

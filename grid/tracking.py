@@ -184,6 +184,9 @@ class CellState:
     """The one-line error of a failed or killed run."""
     tags: dict[str, str]
     """The run's tags, without MLflow's own (`mlflow.*`)."""
+    experiment_id: str | None = None
+    """The MLflow experiment the run is in: another experiment file's when that file ran the cell (same id, same
+    cell); None when it has no run."""
 
 
 class GridStore:
@@ -257,7 +260,7 @@ class GridStore:
         # 2. A FAILED, KILLED or RUNNING (interrupted) run exists: continue that run (the newest), back to
         #    RUNNING with its `error` tag cleared, so a rerun never duplicates; checkpoints are the runner's.
         # 3. Else: a new run under the parent run, its params logged once, here.
-        runs = self._search(f"tags.cell_id = '{cell.id}'")
+        runs = self._search(f"tags.cell_id = '{cell.id}'", everywhere=True)
         run = _pick(runs)
         tags = {"cell_id": cell.id, "cell_kind": cell.kind, **cell.tags, **self.provenance}
         if run is not None and run.info.status == "FINISHED":
@@ -344,7 +347,7 @@ class GridStore:
         found: dict[str, Run] = {}
         for i in range(0, len(wanted), _IDS_PER_QUERY):
             chunk = ", ".join(f"'{run_id}'" for run_id in wanted[i : i + _IDS_PER_QUERY])
-            found |= {run.info.run_id: run for run in self._search(f"attributes.run_id IN ({chunk})")}
+            found |= {run.info.run_id: run for run in self._search(f"attributes.run_id IN ({chunk})", everywhere=True)}
         missing = [run_id for run_id in wanted if run_id not in found]
         if missing:
             raise KeyError(f"runs {missing[:3]} are not in experiment {self.experiment!r}")
@@ -380,7 +383,7 @@ class GridStore:
     def _finished_runs(self) -> dict[str, Run]:
         """The FINISHED run standing for each cell that has one: the oldest, so that the answer is stable even if
         a race ever left two (as in `states`)."""
-        runs = self._search("attributes.status = 'FINISHED' and tags.cell_id LIKE '%'")
+        runs = self._search("attributes.status = 'FINISHED' and tags.cell_id LIKE '%'", everywhere=True)
         found: dict[str, Run] = {}
         for run in sorted(runs, key=_age):
             found.setdefault(run.data.tags["cell_id"], run)
@@ -400,41 +403,73 @@ class GridStore:
         store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
         if not isinstance(store, SqlAlchemyStore):
             if cell_ids is None:
-                return self._search("tags.cell_id LIKE '%'")
-            return [run for cell in cell_ids for run in self._search(f"tags.cell_id = '{cell}'")]
-        columns = (SqlRun.run_uuid, SqlRun.status, SqlRun.start_time, SqlRun.end_time, SqlTag.key, SqlTag.value)
+                return self._search("tags.cell_id LIKE '%'", everywhere=True)
+            return [run for cell in cell_ids for run in self._search(f"tags.cell_id = '{cell}'", everywhere=True)]
+        columns = (
+            SqlRun.run_uuid,
+            SqlRun.experiment_id,
+            SqlRun.status,
+            SqlRun.start_time,
+            SqlRun.end_time,
+            SqlTag.key,
+            SqlTag.value,
+        )
+        experiments = [int(experiment) for experiment in self._experiment_ids()]
         with store.ManagedSessionMaker() as session:
             query = (
                 session.query(*columns)
                 .join(SqlTag, SqlTag.run_uuid == SqlRun.run_uuid)
-                .filter(SqlRun.experiment_id == int(self.experiment_id))
+                .filter(SqlRun.experiment_id.in_(experiments))
                 .filter(SqlRun.lifecycle_stage == LifecycleStage.ACTIVE)
             )
             if cell_ids is not None:
                 tagged = session.query(SqlTag.run_uuid).filter(SqlTag.key == "cell_id", SqlTag.value.in_(cell_ids))
                 query = query.filter(SqlRun.run_uuid.in_(tagged))
             rows = query.all()
-        heads: dict[str, tuple[str, int, int | None]] = {}
+        heads: dict[str, tuple[str, str, int, int | None]] = {}
         tags: dict[str, list[RunTag]] = {}
-        for run_id, status, start, end, key, value in rows:
-            heads[run_id] = status, start, end
+        for run_id, experiment, status, start, end, key, value in rows:
+            heads[run_id] = str(experiment), status, start, end
             tags.setdefault(run_id, []).append(RunTag(key, value))
         return [
             Run(
-                RunInfo(run_id, self.experiment_id, "", status, start, end, LifecycleStage.ACTIVE),
+                RunInfo(run_id, experiment, "", status, start, end, LifecycleStage.ACTIVE),
                 RunData(tags=tags[run_id]),
             )
-            for run_id, (status, start, end) in heads.items()
+            for run_id, (experiment, status, start, end) in heads.items()
             if any(tag.key == "cell_id" for tag in tags[run_id])
         ]
 
-    def _search(self, filter_string: str) -> list[Run]:
-        """Every active run of the experiment that matches, all pages."""
+    def parent_of(self, experiment_id: str) -> str | None:
+        """The parent run of another experiment of the store (where its driver's lease lives), None if it has none."""
+        parents = self.client.search_runs(
+            [experiment_id], f"tags.{PARENT_TAG} = '{_PARENT_TAG_VALUE}'", run_view_type=ViewType.ACTIVE_ONLY
+        )
+        return min(parents, key=_age).info.run_id if parents else None
+
+    def experiment_name(self, experiment_id: str) -> str:
+        """The name of an experiment of the store (the experiment file's `name`)."""
+        return self.client.get_experiment(experiment_id).name
+
+    def _experiment_ids(self) -> list[str]:
+        """Every active experiment of the store: a cell's run may be in another experiment file's."""
+        found, token = [], None
+        while True:
+            page = self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=_PAGE, page_token=token)
+            found += [experiment.experiment_id for experiment in page]
+            token = page.token
+            if not token:
+                return found
+
+    def _search(self, filter_string: str, everywhere: bool = False) -> list[Run]:
+        """Every active run of the experiment that matches, all pages; with `everywhere`, of every experiment of
+        the store (a cell is the same cell, with the same id, in every experiment file that has it)."""
         runs: list[Run] = []
         token = None
+        experiments = self._experiment_ids() if everywhere else [self.experiment_id]
         while True:
             page = self.client.search_runs(
-                [self.experiment_id],
+                experiments,
                 filter_string=filter_string,
                 run_view_type=ViewType.ACTIVE_ONLY,
                 max_results=_PAGE,
@@ -609,6 +644,7 @@ def _state(cell_id: str, run: Run | None) -> CellState:
         run_id=run.info.run_id,
         error=tags.get(ERROR_TAG),
         tags=tags,
+        experiment_id=run.info.experiment_id,
     )
 
 

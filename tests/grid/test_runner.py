@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from grid.cells import Cell, expand
 from grid.cli import main
 from grid.experiment import load_experiment
+from grid.lease import DriverLease
 from grid.provenance import COMMIT_TAG, DEVICE_TAG, code_tags, describe
 from grid.runner import RunReport, run_experiment
 from grid.schedule import backbone_of, route
@@ -477,3 +478,45 @@ def test_every_run_records_its_code_version_package_versions_and_device(first_ru
             client.set_tag(run.info.run_id, COMMIT_TAG, code[COMMIT_TAG])
     assert main(["status", str(path), "--tracking-uri", uri]) == 0
     assert "warning:" not in capsys.readouterr().out
+
+
+def test_a_cell_finished_under_another_file_is_done_for_every_file_that_has_it(first_run, world):
+    _, uri, _ = first_run
+    more = {"name": "asr-more", "task": "asr", "models": ["tiny"], "paths": [{"source": "speech"}], "depths": [2],
+            "healing": ["projector"]}  # fmt: skip
+    path = write_experiment(world, "runner-again", [STUDIES[0], more])
+    report = run_experiment(path, tracking_uri=uri, workdir=world / "out")
+    # Only what `runner` did not run: the projector-healed cell and the new study's summary.
+    cells = expand(load_experiment(path))
+    assert report.counts == {"FINISHED": len(cells)} and report.started == 2
+    client = MlflowClient(uri)
+    everywhere = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(everywhere, "tags.cell_id LIKE '%'", max_results=5000)
+    assert Counter(run.data.tags["cell_id"] for run in runs if run.data.tags["cell_id"] in {c.id for c in cells}) == (
+        Counter(c.id for c in cells)
+    )  # one run per cell, in whichever experiment ran it
+    again = client.get_experiment_by_name("runner-again").experiment_id
+    assert sorted(run.data.tags["cell_kind"] for run in runs if run.info.experiment_id == again) == ["prune", "summary"]
+    assert experiment_status(path, tracking_uri=uri).all_finished
+
+
+def test_a_cell_another_file_s_live_driver_runs_is_left_to_it(world, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = {**STUDIES[0], "healing": ["none"]}
+    first, second = (write_experiment(world, name, [study]) for name in ("busy-a", "busy-b"))
+    train = next(cell for cell in expand(load_experiment(first)) if cell.kind == "train")
+    owner = GridStore(uri, "busy-a")
+    lease = DriverLease(owner.client, owner.parent_run(), "experiment 'busy-a'")
+    lease.acquire()  # this process is busy-a's live driver, and it is training
+    try:
+        owner.start_cell(train)
+        report = run_experiment(second, tracking_uri=uri, workdir=tmp_path / "out")
+        assert report.started == 0  # the training and everything after it wait for busy-a
+        states = {s.cell.kind: s.state for s in report.status.cells}
+        assert states == {"train": "RUNNING", "path": "PENDING", "eval": "PENDING", "prune": "PENDING",
+                          "summary": "PENDING"}  # fmt: skip
+        assert {s.cell.kind: s.state for s in experiment_status(second, tracking_uri=uri).cells}["train"] == "RUNNING"
+    finally:
+        lease.release()
+    # Its driver gone, the training is INTERRUPTED, for either file: the next run of either continues it.
+    assert {s.cell.kind: s.state for s in experiment_status(second, tracking_uri=uri).cells}["train"] == "INTERRUPTED"

@@ -207,9 +207,13 @@ def test_states_read_from_the_database_are_those_search_runs_gives(uri, demo_cel
     assert {cell: store.states([cell])[cell] for cell in ids} == fast
     monkeypatch.setattr(grid.tracking, "_FEW_CELLS", 0)
     assert store.states(ids) == fast  # every cell run of the experiment
-    monkeypatch.setattr(GridStore, "_cell_runs", lambda self, cell_ids: self._search("tags.cell_id LIKE '%'"))
+    monkeypatch.setattr(
+        GridStore, "_cell_runs", lambda self, cell_ids: self._search("tags.cell_id LIKE '%'", everywhere=True)
+    )
     assert store.states(ids) == fast
-    assert [fast[i].status for i in ids] == ["FINISHED", "FAILED", "FINISHED", "PENDING", "PENDING", "PENDING"]
+    # The cell finished under another experiment is finished here too.
+    assert [fast[i].status for i in ids] == ["FINISHED", "FAILED", "FINISHED", "PENDING", "FINISHED", "PENDING"]
+    assert fast[elsewhere.id].experiment_id == GridStore(uri, "other").experiment_id != store.experiment_id
     assert fast[failed.id].error == "RuntimeError: boom" and fast[finished.id].run_id == run.run_id
 
 
@@ -241,11 +245,18 @@ def test_two_stores_in_one_process_do_not_interfere(uri, tmp_path, empty_db, dem
     assert there.finished() == {}
 
 
-def test_other_experiment_is_separate(uri, demo_cells):
+def test_a_cell_finished_under_one_experiment_is_finished_for_every_other(uri, demo_cells):
     cell = demo_cells[0]
-    with GridStore(uri, "demo").start_cell(cell):
+    demo = GridStore(uri, "demo")
+    with demo.start_cell(cell) as run:
         pass
-    assert GridStore(uri, "table1").states([cell.id])[cell.id].status == "PENDING"
+    table1 = GridStore(uri, "table1")
+    state = table1.states([cell.id])[cell.id]
+    assert (state.status, state.run_id, state.experiment_id) == ("FINISHED", run.run_id, demo.experiment_id)
+    assert table1.finished() == {cell.id: run.run_id} and list(table1.runs([run.run_id])) == [run.run_id]
+    with pytest.raises(ValueError, match="already has a FINISHED run"):
+        table1.start_cell(cell)  # never a second run
+    assert table1.parent_run() != demo.parent_run()  # each file keeps its own parent run (its lease, its report)
 
 
 def test_long_param_values_are_truncated_and_config_json_is_whole(uri):
