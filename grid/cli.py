@@ -211,14 +211,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _print_ui_hint(tracking_uri: str | None, experiment: str) -> None:
     """How to look at the results in the MLflow UI: its runs table of the experiment, in the model-training layout."""
-    from mlflow.tracking import MlflowClient
-
-    from grid.tracking import UI_LAYOUT
+    from grid.tracking import UI_LAYOUT, experiment_id_of
     from grid.tracking import tracking_uri as resolve
 
     uri = resolve(tracking_uri)
-    found = MlflowClient(uri).get_experiment_by_name(experiment)
-    page = f"/#/experiments/{found.experiment_id}?{UI_LAYOUT}" if found is not None else ""
+    found = experiment_id_of(uri, experiment)
+    page = f"/#/experiments/{found}?{UI_LAYOUT}" if found is not None else ""
     if uri.startswith(("http://", "https://")):
         print(f"MLflow UI: open {uri.rstrip('/')}{page} (experiment {experiment!r})")
     else:

@@ -93,13 +93,12 @@ def _rebuild(cell: Cell, store: GridStore, states: dict, scratch: Path, backbone
     pruned = pruned_speech_llm(cell, store, deps, scratch, backbones, root)
     if pruned.heal.strategy != "none":
         run_id = states[cell.id].run_id
-        listed = {item.path for item in store.client.list_artifacts(run_id, HEALED_ARTIFACT)}
-        if f"{HEALED_ARTIFACT}/{HEALED_FILE}" not in listed:
+        if not store.has_artifact(run_id, f"{HEALED_ARTIFACT}/{HEALED_FILE}"):
             raise BadInputError(
                 f"cell {cell.id}: its run {run_id} has no {HEALED_ARTIFACT}/{HEALED_FILE} (it finished before prune "
                 "cells kept what healing trained); delete the run and run the grid again to heal it anew"
             )
-        local = store.client.download_artifacts(run_id, f"{HEALED_ARTIFACT}/{HEALED_FILE}", str(scratch))
+        local = store.download_artifacts(run_id, f"{HEALED_ARTIFACT}/{HEALED_FILE}", scratch)
         restore_healed(pruned.model, local)
     pruned.model.eval()
     return pruned

@@ -56,8 +56,6 @@ from pathlib import Path
 
 import ray
 import torch
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from ray._common.utils import get_ray_address_file
 from ray._private.utils import read_ray_address
 from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError, get_context
@@ -81,7 +79,7 @@ from grid.status import (
     grid_status,
     searches,
 )
-from grid.tracking import ERROR_TAG, CellRun, CellState, GridStore, absolute_uri, sqlite_file
+from grid.tracking import ERROR_TAG, CellRun, CellState, GridStore, StoreError, absolute_uri, sqlite_file
 from grid.tracking import tracking_uri as resolve_tracking_uri
 from slam.errors import BadInputError
 
@@ -293,7 +291,7 @@ def run_experiment(
         store = GridStore(uri, exp.name, code_tags())
         lease = DriverLease(store.client, store.parent_run(), f"experiment {exp.name!r} in {uri}")
         previous = lease.acquire()
-    except MlflowException as err:
+    except StoreError as err:
         raise _store_failed(uri, err) from err
     try:
         if previous is not None:
@@ -349,13 +347,13 @@ def run_experiment(
                 if owns_ray:
                     ray.shutdown()
             total = sum(sum(loads.values()) for loads in worker_loads.values())
-            store.client.log_metric(store.parent_run(), "backbone_loads", total)
+            store.log_metrics(store.parent_run(), {"backbone_loads": total})
         return RunReport(
             status=_final_status(store, cells, exp.name, lease),
             started=started,
             worker_loads=worker_loads,
         )
-    except MlflowException as err:
+    except StoreError as err:
         raise _store_failed(uri, err) from err
     finally:
         lease.release()
@@ -714,7 +712,7 @@ def _check_ray_address(address: str | None) -> None:
         ) from err
 
 
-def _store_failed(uri: str, err: MlflowException) -> GridError:
+def _store_failed(uri: str, err: StoreError) -> GridError:
     """Why the driver stopped when the store failed; what finished is in the store and a rerun resumes."""
     return GridError(
         f"the MLflow store {uri} failed: {_one_line(err)}. Finished cells are recorded there; run the same "
@@ -798,7 +796,7 @@ def _train_loop(config: dict) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     hf_logging.disable_progress_bar()
     rank = get_context().get_world_rank()
-    run = CellRun(MlflowClient(config["uri"]), config["run_id"]) if rank == 0 else None
+    run = CellRun.open(config["uri"], config["run_id"]) if rank == 0 else None
     if run is not None:
         run.set_tags({PLACEMENT_GROUP_TAG: get_current_placement_group().id.hex(), **device_tags()})
     # Ray Train shows every GPU of the node to each of its workers there: the worker's own is this one.
@@ -831,15 +829,14 @@ def _record_failure(store: GridStore, cell: Cell, reason: str) -> None:
     """Record a cell that cannot run as FAILED with its reason, in its run (continued, or created)."""
     run = store.start_cell(cell)
     run.set_tags({ERROR_TAG: reason})
-    run.client.set_terminated(run.run_id, "FAILED")
+    run.end("FAILED")
 
 
 def _mark_failed(store: GridStore, cell: Cell, reason: str, status: str = "FAILED") -> None:
     """Record a cell lost with its worker as FAILED (or KILLED), so that its run does not read RUNNING."""
     state = store.states([cell.id])[cell.id]
     if state.status == "RUNNING" and state.run_id is not None:
-        store.client.set_tag(state.run_id, ERROR_TAG, reason)
-        store.client.set_terminated(state.run_id, status)
+        store.end_run(state.run_id, status, reason)
 
 
 def _note_retry(store: GridStore, cell: Cell, attempt: int, limit: int, reason: str) -> None:
@@ -849,7 +846,7 @@ def _note_retry(store: GridStore, cell: Cell, attempt: int, limit: int, reason: 
         return
     earlier = state.tags.get(RETRIES_TAG, "")
     line = f"{attempt}/{limit}: {reason}"
-    store.client.set_tag(state.run_id, RETRIES_TAG, f"{earlier}\n{line}" if earlier else line)
+    store.set_tags(state.run_id, {RETRIES_TAG: f"{earlier}\n{line}" if earlier else line})
 
 
 def _worker_root(root: Path) -> str:

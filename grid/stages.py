@@ -293,7 +293,7 @@ def train_speech_llm(config: Mapping[str, Any], workdir: Path, backbones: Backbo
     if run is None:
         return
     saved = save_speech_llm(model, cfg, workdir / MODEL_ARTIFACT)
-    run.client.log_artifacts(run.run_id, str(saved), MODEL_ARTIFACT)
+    run.log_artifacts(saved, MODEL_ARTIFACT)
     if result.steps % train_cfg.log_every != 0:
         run.log_metrics({"train.loss": float(np.mean(result.losses[-train_cfg.log_every :]))}, step=result.steps)
     run.log_metrics({"trainable_params": _trainable(model), "peak_memory_mb": _peak_memory_mb(device)})
@@ -511,7 +511,7 @@ class _Context:
         train_cell = self.config["train_cell"]
         # A scratch copy of the artifact, gone once restored: cells would otherwise keep one trained model each.
         with tempfile.TemporaryDirectory(dir=self.workdir) as scratch:
-            saved = Path(self.store.client.download_artifacts(self.deps[train_cell], MODEL_ARTIFACT, scratch))
+            saved = self.store.download_artifacts(self.deps[train_cell], MODEL_ARTIFACT, scratch)
             # Local backbones may sit elsewhere on the worker that trained (another node, another checkout):
             # the train cell's id, not their location, says which model it is.
             if _located_anywhere(read_speech_llm_config(saved)) != _located_anywhere(cfg):
@@ -672,7 +672,7 @@ def _run_prune(ctx: _Context) -> None:
         # What healing trained, for `slamgrid export`: the cell's model is the baseline's, pruned, and this.
         with tempfile.TemporaryDirectory(dir=ctx.workdir) as scratch:
             if save_healed(model, scratch) is not None:
-                ctx.run.client.log_artifacts(ctx.run.run_id, scratch, HEALED_ARTIFACT)
+                ctx.run.log_artifacts(scratch, HEALED_ARTIFACT)
     ctx.run.set_tags({"removed": json.dumps(list(step.removed)), "receiving_layer": str(step.receiving_layer)})
     ctx.run.log_metrics(
         {

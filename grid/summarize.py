@@ -210,7 +210,7 @@ def summarize(
             if log:
                 parent = store.parent_run()
                 for file in files:
-                    store.client.log_artifact(parent, str(file), REPORT_DIR)
+                    store.log_artifact(parent, file, REPORT_DIR)
                 store.describe_parent(_report_note(summary), f"`{REPORT_DIR}/table1.md` and `{REPORT_DIR}/table2.md`")
     return summary
 

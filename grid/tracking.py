@@ -81,6 +81,16 @@ _PARENT_RUN_NAME = "grid"
 _PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 
 
+StoreError = MlflowException
+"""What a failing store (an unreachable server, a refused write) raises."""
+
+
+def experiment_id_of(uri: str, name: str) -> str | None:
+    """The id of the experiment `name` in the store at `uri`, None when it has none (nothing is created)."""
+    found = MlflowClient(uri).get_experiment_by_name(name)
+    return found.experiment_id if found is not None else None
+
+
 def tracking_uri(explicit: str | None = None) -> str:
     """The tracking URI to use.
 
@@ -353,6 +363,29 @@ class GridStore:
             raise KeyError(f"runs {missing[:3]} are not in experiment {self.experiment!r}")
         return found
 
+    def end_run(self, run_id: str, status: str, reason: str | None = None) -> None:
+        """End a run that is not (or no longer) in a `CellRun` block: FAILED or KILLED with its reason as `error`."""
+        if reason is not None:
+            self.client.set_tag(run_id, ERROR_TAG, reason)
+        self.client.set_terminated(run_id, status)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Set tags on any run of the store (a retry's note, the lease's parent run)."""
+        _log_batch(self.client, run_id, tags=tags)
+
+    def log_artifact(self, run_id: str, file: str | Path, directory: str) -> None:
+        """Log one file as an artifact of a run, under `directory`."""
+        self.client.log_artifact(run_id, str(file), directory)
+
+    def download_artifacts(self, run_id: str, path: str, destination: str | Path) -> Path:
+        """Download an artifact (a file, or a directory) of a run into `destination`; its local path."""
+        return Path(self.client.download_artifacts(run_id, path, str(destination)))
+
+    def has_artifact(self, run_id: str, path: str) -> bool:
+        """Whether a run has the artifact file `path` (e.g. `healed/healed.safetensors`)."""
+        directory = path.rsplit("/", 1)[0] if "/" in path else ""
+        return path in {item.path for item in self.client.list_artifacts(run_id, directory or None)}
+
     def run_ids(self, cell_ids: Sequence[str]) -> dict[str, str]:
         """Cell id -> the run standing for it (`states`), for the cells that have a run."""
         return {cell: state.run_id for cell, state in self.states(cell_ids).items() if state.run_id is not None}
@@ -507,6 +540,11 @@ class CellRun(Tracker):
         self.run_id = run_id
         self._started = time.monotonic()
 
+    @classmethod
+    def open(cls, uri: str, run_id: str) -> CellRun:
+        """The run `run_id` of the store at `uri`, from another process (a DDP rank reporting to its cell's run)."""
+        return cls(MlflowClient(uri), run_id)
+
     def __enter__(self) -> CellRun:
         self._started = time.monotonic()
         return self
@@ -534,6 +572,14 @@ class CellRun(Tracker):
             step: Training step or block size n.
         """
         _log_metrics(self.client, self.run_id, metrics, step or 0)
+
+    def log_artifacts(self, directory: str | Path, path: str) -> None:
+        """Log the files of a local directory as the run's artifact directory `path` (e.g. `model/`)."""
+        self.client.log_artifacts(self.run_id, str(directory), path)
+
+    def end(self, status: str) -> None:
+        """End the run outside a `with` block (a cell recorded as failed before it could start)."""
+        self.client.set_terminated(self.run_id, status)
 
     def log_json(self, path: str, data: Any) -> None:
         """Log JSON-ready data as the artifact `path` (e.g. `distance.json`, `hypotheses/test.json`)."""

@@ -238,8 +238,9 @@ def test_a_missing_local_path_stops_the_run_before_any_cell_naming_file_key_and_
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()
 
 
-def test_a_failed_cell_blocks_its_dependents_and_reruns_in_the_same_run(world, ray_cluster, capsys):
-    uri = f"sqlite:///{world}/mlflow.db"
+def test_a_failed_cell_blocks_its_dependents_and_reruns_in_the_same_run(world, ray_cluster, capsys, tmp_path):
+    # A store of its own: in the module's, the training and evaluation it shares with `runner` are finished.
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     study = {**STUDIES[0], "healing": ["none"]}
     path = write_experiment(world, "broken", [study], dev="late-dev.jsonl")
     # The manifest is there (the run checks that before starting anything), the audio it names is not yet.
