@@ -525,10 +525,12 @@ class SimulatedCluster:
         heapq.heappush(self._pending, (end, next(self._order), ref))
         return ref
 
-    def _worker(self, uri: str, experiment: str, workdir: str, root: str, max_decoders: int | None, *_: Any) -> _Worker:
+    def _worker(
+        self, uri: str, experiment: str, workdir: str, root: str, backbones_per_worker: int | None, *_: Any
+    ) -> _Worker:
         """`CellWorker.options(...).remote(...)`: a new worker holding no backbone (and no feature cache)."""
         with self.aside():
-            return _Worker(self, max_decoders)
+            return _Worker(self, backbones_per_worker)
 
     def _ddp(self, cell: Cell, *args: Any) -> _Reference:
         """`_train_ddp_cell.options(...).remote(...)`: W new processes, each loading both backbones, then training."""
@@ -545,9 +547,9 @@ class _Worker:
 
     _names = itertools.count(1)
 
-    def __init__(self, cluster: SimulatedCluster, max_decoders: int | None) -> None:
+    def __init__(self, cluster: SimulatedCluster, backbones_per_worker: int | None) -> None:
         self.cluster = cluster
-        self.backbones = Backbones("cpu", max_decoders)
+        self.backbones = Backbones("cpu", backbones_per_worker)
         self.name = f"simulated:{next(self._names)}"
         self.run = SimpleNamespace(remote=self._run)
 

@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.experiment,
             tracking_uri=args.tracking_uri,
             workdir=args.workdir,
-            num_workers=args.workers,
+            workers=args.workers,
             ray_address=args.address,
             dashboard_host=args.dashboard_host,
             feature_cache=_feature_cache(args.feature_cache),

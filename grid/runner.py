@@ -163,7 +163,7 @@ class CellWorker:
         experiment: str,
         workdir: str,
         root: str,
-        max_decoders: int | None = None,
+        backbones_per_worker: int | None = None,
         feature_cache: str | None = None,
         provenance: dict[str, str] | None = None,
     ) -> None:
@@ -175,7 +175,7 @@ class CellWorker:
             workdir: `workdir/<experiment name>`; each cell works in its `<cell id>/` below.
             root: The experiment's directory, absolute or relative to this process's working directory; the
                 cells' relative local paths resolve against it (`grid.experiment.resolve_paths`).
-            max_decoders: Decoders kept loaded at most (`Backbones`); None: no limit.
+            backbones_per_worker: Decoders kept loaded at most (`Backbones`); None: no limit.
             feature_cache: Root of the frozen-encoder feature cache (absolute); None: no cache.
             provenance: The driver's code tags (`grid.provenance.code_tags`: the driver has the repository, a
                 job's workers may have a copy without `.git`); this worker adds its device.
@@ -186,7 +186,7 @@ class CellWorker:
         self.store = GridStore(uri, experiment, {**(provenance or {}), **device_tags()})
         self.workdir = Path(workdir)
         self.root = root
-        self.backbones = Backbones(max_decoders=max_decoders, feature_cache=feature_cache)
+        self.backbones = Backbones(backbones_per_worker=backbones_per_worker, feature_cache=feature_cache)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         # Every cell ends with a garbage collection (`Backbones.release`), which would otherwise walk every object of
         # the libraries imported by now (about 640,000, 0.35 s of CPU per cell on a small machine); they live as long
@@ -224,7 +224,7 @@ def run_experiment(
     path: str | Path,
     tracking_uri: str | None = None,
     workdir: str | Path = "out",
-    num_workers: int | None = None,
+    workers: int | None = None,
     use_gpu: bool | None = None,
     ray_address: str | None = None,
     backbones_per_worker: int | None = DEFAULT_BACKBONES_PER_WORKER,
@@ -240,8 +240,8 @@ def run_experiment(
         path: The experiment file.
         tracking_uri: MLflow tracking URI; None: `$MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db`.
         workdir: Root of the cells' working directories (checkpoints).
-        num_workers: Slots: workers and DDP training processes running at once; None: one per GPU, or one per
-            CPU without GPUs (never more than the cells to run need).
+        workers: Slots (`--workers`): cell workers and DDP training processes running at once; None: one per GPU,
+            or one per CPU without GPUs (never more than the cells to run need).
         use_gpu: One GPU per worker; None: when the Ray cluster has GPUs.
         ray_address: Ray cluster to connect to; None: `$RAY_ADDRESS`, else the cluster `ray start` left its
             address for on this machine, else a local Ray; `local`: a new local Ray (an already initialised Ray
@@ -329,7 +329,7 @@ def run_experiment(
                 display = make_progress(progress, store, progress_interval)
                 display.add(todo, finished=[cell for cell in cells if cell.id in done])
                 pool = _Pool(
-                    store, cell_root, root, todo, num_workers, use_gpu, backbones_per_worker, retries, features, display
+                    store, cell_root, root, todo, workers, use_gpu, backbones_per_worker, retries, features, display
                 )
                 tried: set[str] = set(left)
                 try:
@@ -424,7 +424,7 @@ class _Pool:
         workdir: Path,
         root: str,
         cells: Sequence[Cell],
-        num_workers: int | None,
+        workers: int | None,
         use_gpu: bool | None,
         backbones_per_worker: int | None = DEFAULT_BACKBONES_PER_WORKER,
         retries: int = DEFAULT_RETRIES,
@@ -438,11 +438,11 @@ class _Pool:
             raise ValueError("use_gpu: the Ray cluster has no GPU")
         self.unit = "GPU" if use_gpu else "CPU"
         self.capacity = gpus if use_gpu else max(1, int(sum(node.get("CPU", 0) for node in nodes)))
-        if num_workers is not None and not 1 <= num_workers <= self.capacity:
-            raise ValueError(f"workers={num_workers} is not allowed: the Ray cluster has {self.capacity} {self.unit}s")
-        self.num_workers = num_workers
+        if workers is not None and not 1 <= workers <= self.capacity:
+            raise ValueError(f"workers={workers} is not allowed: the Ray cluster has {self.capacity} {self.unit}s")
+        self.workers_limit = workers
         widest = max((train_workers(cell) for cell in cells), default=1)
-        self.size = min(num_workers or self.capacity, max(len(cells), widest))
+        self.size = min(workers or self.capacity, max(len(cells), widest))
         # Each slot gets a share of CPUs (Ray sets its OMP_NUM_THREADS to it) small enough that the slots fit on
         # the nodes as they are: a GPU slot its GPU node's CPUs per GPU, a CPU slot its share of the smallest
         # node's (an actor asking for more than any node has would wait forever).
@@ -672,8 +672,8 @@ class _Pool:
     def _too_wide(self, workers: int) -> str:
         """Why a DDP cell of `workers` processes cannot run here."""
         limit = (
-            f"workers={self.num_workers} limits the grid to {self.num_workers}"
-            if self.num_workers
+            f"workers={self.workers_limit} limits the grid to {self.workers_limit}"
+            if self.workers_limit
             else f"the Ray cluster has {self.capacity} {self.unit}s"
         )
         return f"train_workers={workers}: DDP training needs {workers} {self.unit} slots at once, but {limit}"

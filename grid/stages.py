@@ -120,22 +120,24 @@ class Backbones:
     def __init__(
         self,
         device: str | torch.device | None = None,
-        max_decoders: int | None = None,
+        backbones_per_worker: int | None = None,
         feature_cache: str | Path | None = None,
     ) -> None:
         """Start empty.
 
         Args:
             device: Where models run; None: `cuda` (the worker's one visible GPU) when available, else `cpu`.
-            max_decoders: Decoders kept at most; loading one more first drops the least recently used (a 7B
+            backbones_per_worker: Decoders kept at most; loading one more first drops the least recently used (a 7B
                 master copy takes 15-30 GB of CPU memory). None: no limit.
             feature_cache: Root of the frozen-encoder feature cache (`slam.features`) every encoder reads and
                 fills; None: encode every utterance every time.
         """
-        if max_decoders is not None and max_decoders < 1:
-            raise ValueError(f"max_decoders={max_decoders} is not allowed: expected a positive integer or None")
+        if backbones_per_worker is not None and backbones_per_worker < 1:
+            raise ValueError(
+                f"backbones_per_worker={backbones_per_worker} is not allowed: expected a positive integer or None"
+            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.max_decoders = max_decoders
+        self.backbones_per_worker = backbones_per_worker
         self.loads: dict[str, int] = {}
         """Loads from disk so far, by `encoder:<name>` and `decoder:<name>`."""
         self.feature_cache = FeatureCache(feature_cache) if feature_cache is not None else None
@@ -159,7 +161,7 @@ class Backbones:
     def decoder(self, cfg: DecoderConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """The master copy of a decoder (on CPU; do not modify it) and its tokenizer, loaded on first use.
 
-        Beyond `max_decoders`, the least recently used decoder is dropped first (and loaded again if needed).
+        Beyond `backbones_per_worker`, the least recently used decoder is dropped first (and loaded again if needed).
 
         The key leaves out `cfg.lora`: the adapter is added to each SpeechLLM's copy, so the frozen and the
         LoRA-adapted SpeechLLMs of one LLM, and its text paths, share one load.
@@ -168,8 +170,8 @@ class Backbones:
         if key in self._decoders:
             self._decoders.move_to_end(key)
             return self._decoders[key]
-        if self.max_decoders is not None:
-            while len(self._decoders) >= self.max_decoders:
+        if self.backbones_per_worker is not None:
+            while len(self._decoders) >= self.backbones_per_worker:
                 self._decoders.popitem(last=False)
             gc.collect()
         self._decoders[key] = load_decoder(key)

@@ -70,7 +70,7 @@ def after_workers(world, ray_cpus) -> tuple[str, dict, _Pool]:
     uri = f"sqlite:///{world}/mlflow.db"
     store = GridStore(uri, "ddp")
     store.parent_run()
-    pool = _Pool(store, world / "out" / "ddp", str(world), cells, num_workers=None, use_gpu=None)
+    pool = _Pool(store, world / "out" / "ddp", str(world), cells, workers=None, use_gpu=None)
     text = [c for c in cells if c.tags["study"] in ("text-asr", "text-ast")]
     done: dict[str, str] = {}
     outcome: dict[str, object] = {}
@@ -159,7 +159,7 @@ def test_a_ddp_cell_wider_than_the_cluster_fails_with_its_reason(world, ray_cpus
         [run] = [run for run in cell_runs(uri, "too-wide") if run.data.tags["cell_kind"] == "train"]
         assert run.info.status == "FAILED" and run.data.tags["error"] == reason
     with pytest.raises(ValueError, match="workers=3 is not allowed: the Ray cluster has 2 CPUs"):
-        run_experiment(path, tracking_uri=uri, workdir=world / "out", num_workers=3)
+        run_experiment(path, tracking_uri=uri, workdir=world / "out", workers=3)
 
 
 @pytest.mark.slow  # a Ray Train start for a training that fails: about 30 s

@@ -377,11 +377,11 @@ def test_backbones_load_each_backbone_once_and_give_independent_decoders(world):
     assert all(p.equal(q) for p, q in zip(seeded[0].projector.parameters(), seeded[1].projector.parameters()))
 
 
-def test_backbones_keep_at_most_max_decoders_dropping_the_least_recently_used(world, tmp_path):
+def test_backbones_keep_at_most_backbones_per_worker_dropping_the_least_recently_used(world, tmp_path):
     names = [str(world / "lm")]
     for name in ("lm2", "lm3"):
         names.append(str(build_tiny_lm(tmp_path / name, TEXTS, layers=2, hidden=32)))
-    backbones = Backbones(max_decoders=2)
+    backbones = Backbones(backbones_per_worker=2)
     first, second, third = (DecoderConfig(name) for name in names)
     backbones.decoder(first)
     backbones.decoder(second)
@@ -391,8 +391,8 @@ def test_backbones_keep_at_most_max_decoders_dropping_the_least_recently_used(wo
     backbones.decoder(second)
     assert backbones.held() == {names[2], names[1]}
     assert backbones.loads == {f"decoder:{names[0]}": 1, f"decoder:{names[1]}": 2, f"decoder:{names[2]}": 1}
-    with pytest.raises(ValueError, match="max_decoders=0 is not allowed"):
-        Backbones(max_decoders=0)
+    with pytest.raises(ValueError, match="backbones_per_worker=0 is not allowed"):
+        Backbones(backbones_per_worker=0)
 
 
 def _cell(decoder: str | None, kind: str) -> Cell:
