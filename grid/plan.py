@@ -227,6 +227,7 @@ def plan_experiment(
     if store_has_experiment(uri, exp.name):
         results = GridStore(uri, exp.name).results()
     cells, bounded = _bounded(exp, results)
+    trains = {cell.id: cell.config for cell in cells if cell.kind == "train"}
     configured = read_timings(Path(timings)) if timings is not None else {}
     per_model: dict[str, Timing] = {}
     unknown: list[str] = []
@@ -243,7 +244,7 @@ def plan_experiment(
         if cell.kind == "summary":
             continue
         if model not in per_model:
-            per_model[model] = _timing(exp, cell, configured, measure)
+            per_model[model] = _timing(exp, cell, trains, configured, measure)
         hours[key] += cell_seconds(cell, per_model[model], _set_sizes(exp, cell, unknown)) / 3600
     rows = [
         PlanRow(
@@ -444,14 +445,19 @@ class _Recorder:
         """Nothing to keep."""
 
 
-def _timing(exp: Experiment, cell: Cell, configured: Mapping[str, Timing], measure: bool) -> Timing:
-    """The timing of a cell's backbone: configured, else measured (`measure`, a local model), else derived."""
+def _timing(
+    exp: Experiment, cell: Cell, trains: Mapping[str, dict], configured: Mapping[str, Timing], measure: bool
+) -> Timing:
+    """The timing of a cell's backbone: configured, else measured (`measure`, a local model), else derived.
+
+    `trains` holds the train cells' configs by id: a cell's own training says its batch size and SpeechLLM.
+    """
     speech_llm = cell.config.get("speech_llm") or {"decoder": cell.config["decoder"]}
     decoder = speech_llm["decoder"]["name"]
     for name in (cell.tags.get("model"), decoder):
         if name in configured:
             return configured[name]
-    train = _train_cell_config(exp, cell)
+    train = cell.config if cell.kind == "train" else trains.get(cell.config.get("train_cell", ""))
     local = is_local_path(decoder) and is_local_path(speech_llm.get("encoder", {}).get("name", "./"))
     if measure and local and train is not None:
         return measure_timing(train, exp.root)
@@ -459,16 +465,6 @@ def _timing(exp: Experiment, cell: Cell, configured: Mapping[str, Timing], measu
     decode_batch = cell.config.get("decode", {}).get("batch_size", 16)
     full = train["speech_llm"] if train else {**speech_llm, "encoder": {"name": ""}, "projector": {"stack": 5}}
     return derived_timing(full, batch, decode_batch, exp.root)
-
-
-def _train_cell_config(exp: Experiment, cell: Cell) -> dict | None:
-    """The config of the train cell of a cell's model and task (its own, for a train cell)."""
-    if cell.kind == "train":
-        return cell.config
-    train_id = cell.config.get("train_cell")
-    if train_id is None:
-        return None
-    return next((c.config for c in expand(exp) if c.id == train_id), None)
 
 
 def _set_sizes(exp: Experiment, cell: Cell, unknown: list[str]) -> dict[str, int]:
