@@ -15,7 +15,7 @@ from pathlib import Path
 
 from grid.cells import Cell, expand
 from grid.experiment import load_experiment
-from grid.stages import DISTANCE_ARTIFACT, HEALED_ARTIFACT, Backbones, PrunedModel, pruned_speech_llm
+from grid.stages import DISTANCE_ARTIFACT, HEALED_ARTIFACT, Backbones, PrunedModel, path_step, pruned_speech_llm
 from grid.tracking import GridStore, absolute_uri, store_has_experiment
 from grid.tracking import tracking_uri as resolve_tracking_uri
 from slam.errors import BadInputError
@@ -136,7 +136,7 @@ def _decoder(cell: Cell) -> tuple:
 def _removed(cell: Cell, store: GridStore, states: dict) -> list[int]:
     """The layers a prune cell removes, from its path cell's report (1-based, in the unpruned decoder)."""
     report = store.load_json_artifact(states[cell.config["path_cell"]].run_id, DISTANCE_ARTIFACT)
-    return next(step["removed"] for step in report["path"] if step["n"] == cell.config["n"])
+    return list(path_step(report, cell.config["n"], cell.config["path_cell"]).removed)
 
 
 def _describe(cell: Cell, pruned: PrunedModel) -> dict:

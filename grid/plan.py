@@ -280,13 +280,12 @@ def cell_seconds(cell: Cell, timing: Timing, sizes: Mapping[str, int]) -> float:
         per_step = timing.step_s * train["batch_size"] / timing.batch_size
         encoded = min(train["steps"] * train["batch_size"] * workers, sizes.get("data", 0))
         return train["steps"] * per_step * workers + encoded * timing.encoder_s
-    dev = sum(count for key, count in sizes.items() if key.startswith("dev."))
     evaluated = sum(count for key, count in sizes.items() if key.startswith("eval."))
     if cell.kind == "path":
         limit = config["distance"].get("max_samples")
         samples = sum(min(count, limit) if limit else count for key, count in sizes.items() if key.startswith("dev."))
         encoder = timing.encoder_s if config["source"] == "speech" else 0.0
-        return samples * (timing.forward_s + encoder) if dev else 0.0
+        return samples * (timing.forward_s + encoder)
     if cell.kind == "eval":
         return evaluated * (timing.utterance_s + timing.encoder_s)
     if cell.kind == "prune":

@@ -453,6 +453,18 @@ def study_table(store: GridStore, config: dict, deps: Mapping[str, str]) -> dict
     }
 
 
+def path_step(report: dict, n: int, path_cell: str) -> PathStep:
+    """The step of block size `n` of a path cell's report (`distance.json`): the layers a prune cell removes.
+
+    Raises:
+        BadInputError: The report has no step `n`.
+    """
+    for step in report["path"]:
+        if step["n"] == n:
+            return PathStep.from_dict(step, report["convention"])
+    raise BadInputError(f"path cell {path_cell}: its distance.json has no step n={n}")
+
+
 def path_cell_label(path: Mapping[str, str]) -> str:
     """`{source}-{task}` of a path cell, plus `-gromov` in Gromov et al.'s convention (how summaries name paths)."""
     label = f"{path['source']}-{path['task']}"
@@ -633,7 +645,7 @@ def pruned_speech_llm(
             f"path cell {cell.config['path_cell']}: its path is for {report['n_layers']} layers, "
             f"this model has {cell.config['layers']}"
         )
-    step = _path_step(report, cell.config["n"], cell.config["path_cell"])
+    step = path_step(report, cell.config["n"], cell.config["path_cell"])
     model, cfg = ctx.restored_speech_llm()
     drop_layers(model.decoder, step.removed)
     heal = from_dict(HealConfig, cell.config["heal"], "heal")
@@ -792,13 +804,6 @@ def _costs(metrics: Mapping[str, float]) -> dict[str, Any]:
     suffix = ".decode_tokens_per_s"
     rates = {key[: -len(suffix)]: value for key, value in metrics.items() if key.endswith(suffix)}
     return {"tokens_per_s": rates, "peak_memory_mb": metrics.get("peak_memory_mb")}
-
-
-def _path_step(report: dict, n: int, path_cell: str) -> PathStep:
-    for step in report["path"]:
-        if step["n"] == n:
-            return PathStep.from_dict(step, report["convention"])
-    raise BadInputError(f"path cell {path_cell}: its distance.json has no step n={n}")
 
 
 def _data_sets(raw: Mapping[str, dict], where: str) -> dict[str, DataConfig]:
